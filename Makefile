@@ -1,0 +1,40 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+DEMO_DIR ?= demo_out
+
+.PHONY: venv demo test test-fast bench lint clean
+
+# Idempotent: re-running only installs what is missing. torch is pinned HERE (a CPU wheel is
+# available locally; an unpinned torch pulls a multi-GB CUDA build). DeepSpeed's sdist imports torch
+# while building, so it goes in after torch without build isolation.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-build-isolation deepspeed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) launch/demo.py --out $(DEMO_DIR)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow and not slurm"
+
+bench: venv
+	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/local_distance.py
+	$(PY) benchmarks/evaluation.py
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

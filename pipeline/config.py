@@ -1,0 +1,393 @@
+"""Typed run configuration: YAML (safe_load) -> nested dataclasses, dotted overrides, validation.
+
+One loader for every entry point::
+
+    cfg = load_config("configs/demo.yaml", overrides=["data.p=8", "train.lr=3e-4"])
+    cfg.data.p            # 8
+    cfg.to_dict()         # plain nested dict (for MLflow params, checkpoints)
+
+Unknown keys are errors that suggest the closest known key; wrong types and impossible values are
+errors naming the key and what would fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) at fault."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    shards: str = "demo_out/shards"          # directory with manifest.json + *.tar
+    p: int = 16                              # identities per batch (per rank)
+    k: int = 4                               # images per identity
+    num_workers: int = 2                     # DataLoader workers per rank
+    image_size: list[int] = field(default_factory=lambda: [256, 128])  # [H, W]
+    flip_prob: float = 0.5
+    pad: int = 10                            # pad then random-crop back to image_size
+    erasing_prob: float = 0.5                # random erasing probability (0 disables)
+    augment_on_device: bool = True           # run kornia augmentation on the training device
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"               # resnet18 | resnet34 | resnet50 | resnet101
+    last_stride: int = 1                     # 1 (16x8 map at 256x128) or 2 (8x4)
+    pretrained: str | None = None            # path or URL of torchvision-named ImageNet weights
+    neck: bool = True                        # BN neck on the global feature
+    local_dim: int = 128
+    stripe_pool: str = "avg"                 # avg | max (pooling over the width)
+    sync_bn: bool = False                    # SyncBatchNorm (multi-GPU)
+
+
+@dataclass
+class LossConfig:
+    margin: float | None = 0.3               # null -> soft-margin triplet
+    global_weight: float = 1.0
+    local_weight: float = 1.0
+    id_weight: float = 1.0
+    label_smoothing: float = 0.1
+    mutual_prob_weight: float = 1.0          # used when mutual.enabled
+    mutual_metric_weight: float = 1.0        # used when mutual.enabled
+
+
+@dataclass
+class MutualConfig:
+    enabled: bool = False                    # train two models together (deep mutual learning)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 120
+    steps_per_epoch: int | None = None       # null -> fixed by the shard manifest
+    optimizer: str = "adam"                  # adam | sgd
+    lr: float = 2e-4
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    scheduler: str = "exp"                   # exp | step | cosine | constant
+    warmup_epochs: float = 0.0
+    warmup_factor: float = 0.01
+    decay_start_epoch: int = 60              # exp: decay from here to lr * final_lr_factor at the end
+    final_lr_factor: float = 0.001
+    milestones: list[int] = field(default_factory=lambda: [40, 70])  # step scheduler
+    gamma: float = 0.1
+    grad_clip: float | None = None           # max global grad norm; null disables
+    amp: str = "none"                        # none | bf16 | fp16 (GPU)
+    channels_last: bool = False
+    nan_policy: str = "stop"                 # stop | skip
+    log_every: int = 10                      # steps between progress/metric updates
+    deterministic: bool = False
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "ddp"                     # ddp | deepspeed
+    dist_backend: str = "auto"               # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    timeout_s: int = 600                     # collective timeout
+    deepspeed: dict = field(default_factory=lambda: {
+        "zero_optimization": {"stage": 1},
+        "gradient_accumulation_steps": 1,
+    })
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500                   # 0 disables step checkpoints (epoch ends still save)
+    keep_last: int = 3
+    resume: bool = True                      # resume from <output_dir>/checkpoints/latest
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 10                   # 0 disables evaluation during training
+    distance: str = "global"                 # global | local | global+local
+    rerank: bool = False
+    batch_size: int = 128
+    max_rank: int = 50
+    plots: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None                   # null -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "alignedreid"
+    run_name: str | None = None
+    system_metrics: bool = False
+    log_model: bool = True
+    timeout_s: float = 10.0                  # bound on any single call to the tracking server
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mutual: MutualConfig = field(default_factory=MutualConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. {'data.p': 16, ...} (for MLflow params)."""
+        return flatten(self.to_dict())
+
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+CHOICES = {
+    "model.backbone": BACKBONES,
+    "model.stripe_pool": ("avg", "max"),
+    "model.last_stride": (1, 2),
+    "train.optimizer": ("adam", "sgd"),
+    "train.scheduler": ("exp", "step", "cosine", "constant"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.nan_policy": ("stop", "skip"),
+    "engine.backend": ("ddp", "deepspeed"),
+    "engine.dist_backend": ("auto", "gloo", "nccl"),
+    "eval.distance": ("global", "local", "global+local"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            full = f"{prefix}{key}"
+            known = [f"{prefix}{n}" for n in names]
+            raise ConfigError(f"{source}: unknown key '{full}'.{_suggest(full, known)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _coerce(value, tp, f"{source}: '{prefix}{key}'")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    cls = Config
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)] if cls is not None else None
+        path = ".".join(parts[: i + 1])
+        if names is not None and part not in names:
+            known = [".".join(parts[:i] + [n]) for n in names]
+            raise ConfigError(f"{source}: unknown key '{path}'.{_suggest(path, known)}")
+        tp = _hints(cls)[part] if cls is not None else None
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        if cls is not None and not dataclasses.is_dataclass(tp) and tp is not dict:
+            raise ConfigError(f"{source}: '{path}' is a value, not a section; cannot set '{dotted}'")
+        node = node.setdefault(part, {})
+        if node is None:
+            node = tree[part] = {}
+        cls = tp if dataclasses.is_dataclass(tp) else None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    tree: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"override '{text}'")
+    cfg = _build(Config, tree, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
+    cfg = _build(Config, tree, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def backbone_stride(last_stride: int) -> int:
+    return 16 if last_stride == 1 else 32
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    def bad(key: str, msg: str):
+        raise ConfigError(f"{source}: '{key}' {msg}")
+
+    flat = cfg.flat()
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            close = difflib.get_close_matches(str(flat[key]), [str(a) for a in allowed], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            bad(key, f"is {flat[key]!r}; must be one of {list(allowed)}.{hint}")
+    d = cfg.data
+    if d.p < 2:
+        bad("data.p", f"is {d.p}; batch-hard mining needs at least 2 identities per batch")
+    if d.k < 2:
+        bad("data.k", f"is {d.k}; batch-hard mining needs at least 2 images per identity (a positive)")
+    if d.num_workers < 0:
+        bad("data.num_workers", f"is {d.num_workers}; must be >= 0")
+    if len(d.image_size) != 2 or min(d.image_size) <= 0:
+        bad("data.image_size", f"is {d.image_size}; expected [height, width] with positive values")
+    stride = backbone_stride(cfg.model.last_stride)
+    if any(s % stride for s in d.image_size):
+        bad("data.image_size", f"is {d.image_size}; with model.last_stride={cfg.model.last_stride} both "
+            f"sides must be divisible by the backbone stride {stride} (e.g. [256, 128])")
+    for key in ("data.flip_prob", "data.erasing_prob", "loss.label_smoothing"):
+        if not 0.0 <= flat[key] <= 1.0:
+            bad(key, f"is {flat[key]}; must be in [0, 1]")
+    if d.pad < 0:
+        bad("data.pad", f"is {d.pad}; must be >= 0")
+    if cfg.loss.margin is not None and cfg.loss.margin <= 0:
+        bad("loss.margin", f"is {cfg.loss.margin}; must be > 0, or null for the soft margin")
+    for key in ("loss.global_weight", "loss.local_weight", "loss.id_weight",
+                "loss.mutual_prob_weight", "loss.mutual_metric_weight"):
+        if flat[key] < 0:
+            bad(key, f"is {flat[key]}; loss weights must be >= 0 (0 disables the term)")
+    if cfg.model.local_dim <= 0:
+        bad("model.local_dim", f"is {cfg.model.local_dim}; must be > 0")
+    t = cfg.train
+    if t.epochs < 1:
+        bad("train.epochs", f"is {t.epochs}; must be >= 1")
+    if t.steps_per_epoch is not None and t.steps_per_epoch < 1:
+        bad("train.steps_per_epoch", f"is {t.steps_per_epoch}; must be >= 1 or null")
+    if t.lr <= 0:
+        bad("train.lr", f"is {t.lr}; must be > 0")
+    if t.weight_decay < 0:
+        bad("train.weight_decay", f"is {t.weight_decay}; must be >= 0")
+    if t.warmup_epochs < 0:
+        bad("train.warmup_epochs", f"is {t.warmup_epochs}; must be >= 0")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        bad("train.grad_clip", f"is {t.grad_clip}; must be > 0 or null")
+    if t.log_every < 1:
+        bad("train.log_every", f"is {t.log_every}; must be >= 1")
+    if cfg.checkpoint.every_steps < 0:
+        bad("checkpoint.every_steps", f"is {cfg.checkpoint.every_steps}; must be >= 0")
+    if cfg.checkpoint.keep_last < 1:
+        bad("checkpoint.keep_last", f"is {cfg.checkpoint.keep_last}; must be >= 1")
+    if cfg.eval.every_epochs < 0:
+        bad("eval.every_epochs", f"is {cfg.eval.every_epochs}; must be >= 0")
+    if cfg.eval.batch_size < 1:
+        bad("eval.batch_size", f"is {cfg.eval.batch_size}; must be >= 1")
+    if cfg.tracking.timeout_s <= 0:
+        bad("tracking.timeout_s", f"is {cfg.tracking.timeout_s}; must be > 0")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
