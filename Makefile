@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= demo_out
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv system-deps demo test test-fast bench lint clean
 
 # Idempotent: re-running only installs what is missing. torch is pinned HERE (a CPU wheel is
 # available locally; an unpinned torch pulls a multi-GB CUDA build). DeepSpeed's sdist imports torch
@@ -21,10 +21,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# Debian packages some tests need (a real local SLURM cluster: slurm-wlm + munge). Idempotent.
+system-deps:
+	bash tests/slurm/install.sh
+
 demo: venv
 	$(PY) launch/demo.py --out $(DEMO_DIR)
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest -q tests
 
 test-fast: venv
