@@ -42,7 +42,7 @@ from ..tracking import Tracker
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_name
 from .schedule import build_optimizer, build_scheduler
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" — the job script requeues on this status
+from . import PREEMPTED_EXIT_CODE
 
 
 class NonFiniteLossError(RuntimeError):
