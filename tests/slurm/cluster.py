@@ -104,7 +104,7 @@ class LocalSlurmCluster:
         return env
 
     def _write_config(self) -> None:
-        for sub in ("munge", "state", "spool", "log", "run"):
+        for sub in ("munge", "state", "spool", "log", "pid"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         # munged refuses keys and directories that others can read or write.
         (self.root / "munge").chmod(0o700)
@@ -127,8 +127,8 @@ CredType=cred/munge
 AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
-SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd-%n.pid
+SlurmctldPidFile={r}/pid/slurmctld.pid
+SlurmdPidFile={r}/pid/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd-%n.log
 SlurmctldDebug=info
@@ -175,7 +175,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         try:
             self._spawn("munged", [_which("munged"), "--foreground", "--force",
                                    f"--key-file={key}", f"--socket={self.munge_socket}",
-                                   f"--pid-file={self.root}/run/munged.pid",
+                                   f"--pid-file={self.root}/pid/munged.pid",
                                    f"--log-file={self.root}/log/munged.log",
                                    f"--seed-file={self.root}/munge/munged.seed"])
             self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged to open its socket")
