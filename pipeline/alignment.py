@@ -6,10 +6,11 @@ Two things make this fast enough for test time on a Market-size query x gallery 
 * The dynamic programme walks the anti-diagonals (wavefront): every cell of diagonal k depends only on
   diagonal k-1, so one vectorised step per diagonal covers all cells of it for every pair at once,
   m + n - 1 Python steps in all (the reproductions loop over all m * n cells).
-* Data is laid out as [m, n, pairs]: each grid cell is a contiguous slab over pairs, each diagonal a
-  strided view of the [m * n, pairs] matrix (no gather copies), and the stripe distances come out of a
-  batched matrix product directly in that layout. Without autograd the wavefront runs in two
-  preallocated buffers; with autograd it builds a normal differentiable graph.
+* Grids are laid out as [m, n, pairs]: each cell is a slab over a block of pairs, each diagonal a
+  strided view (no gather copies). One matrix product of stripe-major rows yields the squared stripe
+  distances of a whole block already in that layout, the element distance is applied in place, and the
+  wavefront runs in two preallocated buffers. With autograd the same recurrence builds a normal
+  differentiable graph instead (training uses it on the few mined pairs only).
 
 Element distance: (e^d - 1) / (e^d + 1) = tanh(d / 2), computed as tanh (no overflow for large d).
 Euclidean distances take the square root of a squared distance clamped at EPS, so the gradient at
@@ -31,59 +32,63 @@ def element_distance(sq_dist: torch.Tensor) -> torch.Tensor:
     return torch.tanh(0.5 * torch.sqrt(sq_dist.clamp_min(EPS)))
 
 
-def _diagonal(flat: torch.Tensor, n: int, k: int, lo: int, hi: int) -> torch.Tensor:
-    """Cells (i, k - i), i = lo..hi, of a [m * n, P] row-major grid: stride n - 1 in the flat index."""
-    start = lo * (n - 1) + k
-    return flat[start:start + (hi - lo) * (n - 1) + 1:n - 1]
-
-
 def _bounds(k: int, m: int, n: int) -> tuple[int, int]:
+    """First and last row i of the cells (i, k - i) on anti-diagonal k of an m x n grid."""
     return max(0, k - n + 1), min(k, m - 1)
 
 
-def _wavefront_autograd(flat: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """Differentiable shortest path of [m * n, P] grids; returns [P]. Each diagonal's values are
+def _wavefront_autograd(grid: torch.Tensor) -> torch.Tensor:
+    """Differentiable shortest path of grid [m, n, P] (m <= n); returns [P]. Each diagonal's values are
     padded with +inf on both sides so a cell's up/left neighbours are two shifted slices."""
-    inf = flat.new_full((1,) + flat.shape[1:], math.inf)
+    m, n = grid.shape[:2]
+    flat = grid.reshape(m * n, -1)
+    inf = flat.new_full((1, flat.shape[1]), math.inf)
     prev, lo_prev = torch.cat([inf, flat[0:1], inf]), 0
     for k in range(1, m + n - 1):
         lo, hi = _bounds(k, m, n)
         # padded index of cell i on the previous diagonal is i - lo_prev + 1
         up = prev[lo - lo_prev:hi - lo_prev + 1]           # cell (i - 1, k - i)
         left = prev[lo - lo_prev + 1:hi - lo_prev + 2]     # cell (i, k - 1 - i)
-        cur = torch.minimum(up, left) + _diagonal(flat, n, k, lo, hi)
+        start = lo * (n - 1) + k                           # flat index of cell (lo, k - lo); step n - 1
+        cur = torch.minimum(up, left) + flat[start:start + (hi - lo) * (n - 1) + 1:n - 1]
         prev, lo_prev = torch.cat([inf, cur, inf]), lo
     return prev[1]
 
 
-def _wavefront_inplace(flat: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """The same recurrence without autograd, in two [m + 2, P] buffers (cell i of a diagonal at row
-    i + 1, rows never written stay +inf). Reads never touch stale rows: the lowest cell of diagonal k
-    reads row lo_k, which is row 0 (+inf) while lo_k = 0 and cell lo_k - 1 of diagonal k - 1 after."""
-    bufs = flat.new_full((2, m + 2) + flat.shape[1:], math.inf)
-    bufs[0, 1] = flat[0]
+def _wavefront_inplace(grid: torch.Tensor) -> torch.Tensor:
+    """The same recurrence without autograd for a strided grid [m, n, *P] (m <= n): each diagonal is an
+    as_strided view (no copy), the values live in two [m + 2, *P] buffers (cell i of a diagonal at row
+    i + 1; rows never written stay +inf). Reads never touch stale rows: the lowest cell of diagonal k
+    reads row lo_k, which is row 0 (+inf) while lo_k = 0, and cell lo_k - 1 of diagonal k - 1 after."""
+    m, n = grid.shape[:2]
+    batch = grid.shape[2:]
+    si, sj = grid.stride(0), grid.stride(1)
+    if m > 1 and si <= sj:  # diagonals need a positive stride (i up, j down); a copy provides it
+        grid = grid.contiguous()
+        si, sj = grid.stride(0), grid.stride(1)
+    bufs = grid.new_full((2, m + 2) + batch, math.inf)
+    bufs[0, 1] = grid[0, 0]
     for k in range(1, m + n - 1):
         lo, hi = _bounds(k, m, n)
+        diagonal = grid.as_strided((hi - lo + 1,) + batch, (si - sj,) + grid.stride()[2:],
+                                   grid.storage_offset() + lo * si + (k - lo) * sj)
         prev, cur = bufs[(k - 1) % 2], bufs[k % 2]
         out = cur[lo + 1:hi + 2]
         torch.minimum(prev[lo:hi + 1], prev[lo + 1:hi + 2], out=out)
-        out.add_(_diagonal(flat, n, k, lo, hi))
+        out.add_(diagonal)
     return bufs[(m + n - 2) % 2, m].clone()
 
 
 def _grid_shortest_path(grid: torch.Tensor) -> torch.Tensor:
-    """grid [m, n, *P] -> [*P]. The path set is symmetric under transposition, so the longer side is put
-    second (fewer, longer diagonals do not matter: the step count m + n - 1 is the same)."""
+    """grid [m, n, *P] -> [*P]. The path set is symmetric under transposition, so the shorter side is
+    put first (fewer cells per diagonal; the step count m + n - 1 is the same)."""
     m, n = grid.shape[:2]
     batch = grid.shape[2:]
     if m > n:
-        grid, m, n = grid.transpose(0, 1), n, m
-    flat = grid.reshape(m * n, math.prod(batch))
-    if torch.is_grad_enabled() and flat.requires_grad:
-        out = _wavefront_autograd(flat, m, n)
-    else:
-        out = _wavefront_inplace(flat, m, n)
-    return out.reshape(batch)
+        grid = grid.transpose(0, 1)
+    if torch.is_grad_enabled() and grid.requires_grad:
+        return _wavefront_autograd(grid.reshape(grid.shape[:2] + (math.prod(batch),))).reshape(batch)
+    return _wavefront_inplace(grid)
 
 
 def shortest_path(d: torch.Tensor) -> torch.Tensor:
@@ -103,17 +108,24 @@ def _check_stripes(x: torch.Tensor, y: torch.Tensor, fn: str) -> None:
 
 
 def _block_local_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x [Mb, m, c], y [Nb, n, c] -> [Mb, Nb]. The stripe dot products come out of one batched matmul
-    as [m, n, Mb, Nb], the layout the wavefront wants."""
-    dot = torch.matmul(x.transpose(0, 1).unsqueeze(1), y.permute(1, 2, 0).unsqueeze(0))
-    sq_x = x.pow(2).sum(-1).t()[:, None, :, None]      # [m, 1, Mb, 1]
-    sq_y = y.pow(2).sum(-1).t()[None, :, None, :]      # [1, n, 1, Nb]
+    """x [Mb, m, c], y [Nb, n, c] -> [Mb, Nb], m <= n.
+
+    One matmul of the stripe-major rows, (i, a) x (j, b), gives a [m, Mb, n, Nb] block whose cell (i, j)
+    is a [Mb, Nb] slab with contiguous rows; its [m, n, Mb, Nb] view is the wavefront's grid. Without
+    autograd the matmul is augmented ([x, |x|^2, 1] . [-2y, 1, |y|^2], halved on both sides) so it
+    yields |x - y|^2 / 4 directly, and the element distance tanh(sqrt(.)) runs in place: three passes
+    over the block and no other allocation of its size."""
+    m, n = x.shape[1], y.shape[1]
+    xs = x.transpose(0, 1).reshape(-1, x.shape[2])
+    ys = y.transpose(0, 1).reshape(-1, y.shape[2])
+    sq_x, sq_y = xs.pow(2).sum(1, keepdim=True), ys.pow(2).sum(1, keepdim=True)
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        grid = element_distance(sq_x + sq_y - 2.0 * dot)
+        grid = element_distance(sq_x + sq_y.t() - 2.0 * xs @ ys.t())
     else:
-        # Same arithmetic as element_distance, in place: the block is the only large allocation.
-        grid = dot.mul_(-2.0).add_(sq_x).add_(sq_y).clamp_(min=EPS).sqrt_().mul_(0.5).tanh_()
-    return _grid_shortest_path(grid)
+        x_aug = torch.cat([xs, sq_x, torch.ones_like(sq_x)], 1).mul_(0.5)
+        y_aug = torch.cat([ys.mul(-2.0), torch.ones_like(sq_y), sq_y], 1).mul_(0.5)
+        grid = (x_aug @ y_aug.t()).clamp_(min=0.25 * EPS).sqrt_().tanh_()
+    return _grid_shortest_path(grid.view(m, x.shape[0], n, y.shape[0]).transpose(1, 2))
 
 
 def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None,
@@ -136,8 +148,13 @@ def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = No
     differentiable = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     out = None if differentiable else x.new_empty(num_x, num_y)
     parts: dict[int, list[torch.Tensor]] = {}
+    # Shorter side first in each block (see _wavefront_inplace); the path set is symmetric.
+    swap = x.shape[1] > y.shape[1]
     for i, j in tqdm(blocks, desc="local distance", unit="block", disable=not progress or len(blocks) < 2):
-        block = _block_local_distance(x[i:i + rows], y[j:j + cols])
+        if swap:
+            block = _block_local_distance(y[j:j + cols], x[i:i + rows]).t()
+        else:
+            block = _block_local_distance(x[i:i + rows], y[j:j + cols])
         if out is not None:
             out[i:i + rows, j:j + cols] = block
         else:
