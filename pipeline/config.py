@@ -113,6 +113,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = 10                   # 0 disables evaluation during training
+    at_start: bool = False                   # also evaluate the initial model (a baseline to beat)
     distance: str = "global"                 # global | local | global+local
     rerank: bool = False
     batch_size: int = 128

@@ -398,6 +398,10 @@ class Trainer:
         cfg = self.cfg
         log_path = self.out / "train_log.jsonl"
         images_per_step = cfg.data.p * cfg.data.k * self.dist.world_size
+        if cfg.eval.at_start and self.global_step == 0:
+            initial = self.evaluate(tag="initial")
+            self.tracker.log_metrics(initial, step=0)
+            self._log("initial model: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in initial.items()))
         while self.epoch < cfg.train.epochs:
             self.module.train()
             batches = self._batches(self.epoch, self.step_in_epoch)
@@ -458,7 +462,7 @@ class Trainer:
             last_epoch = self.epoch + 1 == cfg.train.epochs
             ev = cfg.eval.every_epochs
             if last_epoch or (ev and (self.epoch + 1) % ev == 0):
-                epoch_metrics.update(self.evaluate(final=last_epoch))
+                epoch_metrics.update(self.evaluate())
             self.tracker.log_metrics(epoch_metrics, step=self.global_step)
             self._log(f"epoch {self.epoch + 1}/{cfg.train.epochs}: {n_steps} steps in {elapsed:.1f}s, "
                       f"{epoch_metrics['epoch/images_per_s']:.0f} img/s, loss {means.get('total', float('nan')):.4f}"
@@ -468,17 +472,19 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
 
-    def evaluate(self, final: bool = False) -> dict[str, float]:
+    def evaluate(self, tag: str | None = None) -> dict[str, float]:
+        """Collective: rank-1/5/10, mAP, mINP on the query/gallery shards; pictures logged by rank 0."""
         from ..evaluation import evaluate
 
         cfg = self.cfg
-        out_dir = self.out / "eval" / (f"epoch-{self.epoch + 1:04d}")
+        out_dir = self.out / "eval" / (tag or f"epoch-{self.epoch + 1:04d}")
         result = evaluate(self.eval_model(), cfg.data.shards, image_size=self.image_size, device=self.device,
                           distance=cfg.eval.distance, rerank=cfg.eval.rerank, batch_size=cfg.eval.batch_size,
                           max_rank=cfg.eval.max_rank, output_dir=str(out_dir) if self.dist.is_main else None,
                           plots=cfg.eval.plots)
         metrics = {f"eval/{k}": float(result[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
-        self.last_metrics = {k.split("/")[1]: v for k, v in metrics.items()}
+        if tag is None:
+            self.last_metrics = {k.split("/")[1]: v for k, v in metrics.items()}
         if self.dist.is_main:
             for path in result.get("artifacts", []):
                 self.tracker.log_artifact(path, artifact_path=f"eval/{out_dir.name}")
