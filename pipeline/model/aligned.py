@@ -1,0 +1,172 @@
+"""AlignedReID network: a ResNet trunk with a global branch (average pooling, optional BN neck,
+identity classifier) and a local branch (stripes pooled over the width, 1x1 conv, BN, ReLU).
+
+Train mode returns everything the losses need; eval mode returns the retrieval features. The local
+features at test time go through the same trained conv/BN as in training (one reproduction skipped
+them at test time, a train/test mismatch).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig, config_from_dict
+from .backbone import LoadReport, ResNet, load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+class AlignedReID(nn.Module):
+    """Train mode: `model(x) -> {"global": [N, D] (pre-neck, for the triplet losses), "local":
+    [N, S, local_dim], "logits": [N, num_classes]}`.
+    Eval mode: `model(x) -> [N, D]` (post-neck), `model(x, return_local=True) -> (global, local)`.
+
+    S is the feature-map height: 8 at 256x128 with last_stride 2, 16 with last_stride 1."""
+
+    def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1, neck: bool = True,
+                 local_dim: int = 128, stripe_pool: str = "avg"):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes is {num_classes}; the identity classifier needs at least 1")
+        if stripe_pool not in ("avg", "max"):
+            raise ValueError(f"stripe_pool is {stripe_pool!r}; must be 'avg' or 'max'")
+        self.backbone = ResNet(backbone, last_stride)
+        dim = self.backbone.out_channels
+        self.feat_dim, self.local_dim, self.stripe_pool = dim, local_dim, stripe_pool
+        # BN neck (as in the strong baselines): the triplet loss sees the raw pooled feature, the
+        # classifier and retrieval the normalised one. Its shift stays at zero (frozen) and the
+        # classifier has no bias, so the ID loss cannot be lowered by moving the features off-centre.
+        self.neck = nn.BatchNorm1d(dim) if neck else None
+        if self.neck is not None:
+            self.neck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(dim, num_classes, bias=not neck)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+        if self.classifier.bias is not None:
+            nn.init.zeros_(self.classifier.bias)
+        self.local_conv = nn.Conv2d(dim, local_dim, 1, bias=False)  # BN follows: a bias is redundant
+        self.local_bn = nn.BatchNorm2d(local_dim)
+        self.local_relu = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.local_conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def local_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map [N, D, H, W] -> stripes [N, H, local_dim]."""
+        stripes = fmap.mean(3, keepdim=True) if self.stripe_pool == "avg" else fmap.amax(3, keepdim=True)
+        stripes = self.local_relu(self.local_bn(self.local_conv(stripes)))
+        return stripes.squeeze(3).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, return_local: bool = False):
+        fmap = self.backbone(x)
+        global_feat = fmap.mean((2, 3))
+        neck_feat = global_feat if self.neck is None else self.neck(global_feat)
+        if self.training:
+            return {"global": global_feat, "local": self.local_features(fmap),
+                    "logits": self.classifier(neck_feat)}
+        if return_local:
+            return neck_feat, self.local_features(fmap)
+        return neck_feat
+
+
+class MutualPair(nn.Module):
+    """Two networks trained together (deep mutual learning) on the same batch. Train mode returns the
+    list of both output dicts; eval mode is the first network's eval forward."""
+
+    def __init__(self, net_a: AlignedReID, net_b: AlignedReID):
+        super().__init__()
+        self.nets = nn.ModuleList([net_a, net_b])
+
+    def forward(self, x: torch.Tensor, return_local: bool = False):
+        if self.training:
+            return [net(x) for net in self.nets]
+        return self.nets[0](x, return_local=return_local)
+
+
+def build_model(model_cfg: ModelConfig, num_classes: int, cache_dir: str | None = None) -> AlignedReID:
+    """The network `model_cfg` describes, with ImageNet weights in the trunk when `model.pretrained` is
+    set (path or URL; URLs are cached in `cache_dir`, default the torch hub cache). The load report is
+    kept as `model.pretrained_report`. SyncBatchNorm is not applied here (it needs the process group
+    and GPUs): call `convert_sync_bn` in the multi-GPU set-up."""
+    model = AlignedReID(num_classes, backbone=model_cfg.backbone, last_stride=model_cfg.last_stride,
+                        neck=model_cfg.neck, local_dim=model_cfg.local_dim, stripe_pool=model_cfg.stripe_pool)
+    report: LoadReport | None = None
+    if model_cfg.pretrained:
+        report = load_pretrained(model.backbone, model_cfg.pretrained, cache_dir)
+    model.pretrained_report = report
+    return model
+
+
+def convert_sync_bn(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm layer by SyncBatchNorm (statistics over all ranks' batches; GPU only)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _single_net_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Strip DDP's `module.` prefix; from a MutualPair's state dict keep `nets.0.*` (the evaluated net)."""
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    if any(k.startswith("nets.0.") for k in weights):
+        return {k.removeprefix("nets.0."): v for k, v in weights.items() if k.startswith("nets.0.")}, True
+    return weights, False
+
+
+def model_from_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None,
+                          num_classes: int | None = None) -> tuple[AlignedReID, dict]:
+    """Rebuild the evaluated network from a file, in eval mode on the CPU.
+
+    The file is either the engine's checkpoint (a dict with `model`, `config`, `num_classes`, `mutual`)
+    or a bare state dict, which needs `model_cfg` and `num_classes`; given for a checkpoint, they
+    override what it records. Of a mutual pair the first network is taken. Pretrained weights are not
+    reloaded (the checkpoint has the trained ones). Returns (model, info) where info has `path`,
+    `num_classes`, `mutual`, `model_config` (dict), and `epoch` / `global_step` when recorded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a ckpt-*.pt file from "
+                                f"<output_dir>/checkpoints (or a model.pt / bare state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or pickled objects weights_only refuses
+        raise ValueError(f"checkpoint {path} cannot be read with weights_only=True ({exc}); it must be a "
+                         f"dict of plain types and tensors as written by the engine") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    info: dict = {"path": str(path)}
+    recorded_mutual = None
+    if isinstance(state.get("model"), dict):
+        weights = state["model"]
+        if model_cfg is None:
+            section = (state.get("config") or {}).get("model")
+            if not isinstance(section, dict):
+                raise ValueError(f"checkpoint {path} has no config.model section; pass model_cfg "
+                                 f"explicitly")
+            try:
+                model_cfg = config_from_dict({"model": section}, source=f"{path} (config)").model
+            except ConfigError as exc:
+                raise ValueError(f"checkpoint {path}: its model config is not valid here: {exc}") from None
+        if num_classes is None:
+            num_classes = state.get("num_classes")
+        recorded_mutual = state.get("mutual")
+        info.update({k: state[k] for k in ("epoch", "global_step") if k in state})
+    else:
+        weights = state
+    if model_cfg is None or num_classes is None:
+        raise ValueError(f"{path} is a bare state dict (no 'model'/'config'/'num_classes' keys); pass "
+                         f"model_cfg and num_classes to rebuild the network")
+    weights, is_pair = _single_net_weights(weights)
+    model_cfg = ModelConfig(**{**model_cfg.__dict__, "pretrained": None})
+    model = build_model(model_cfg, int(num_classes))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(weights)) if own[k].shape != weights[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"checkpoint {path} does not match model {model_cfg.backbone} with {num_classes} "
+                         f"classes: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches "
+                         f"{mismatched[:5]}. Pass the model_cfg / num_classes the network was trained with.")
+    model.load_state_dict(weights)
+    model.eval()
+    info.update({"num_classes": int(num_classes),
+                 "mutual": bool(is_pair if recorded_mutual is None else recorded_mutual),
+                 "model_config": dict(model_cfg.__dict__)})
+    return model, info
