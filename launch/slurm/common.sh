@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by train.sbatch and evaluate.sbatch (sourced, not run): where the project and its Python are,
 # and the torchrun rendezvous for this allocation. sbatch runs a copy of the batch script from its spool
 # directory, so the scripts find this file through REID_ROOT, not through their own path.
@@ -17,7 +18,7 @@ reid_setup() {
              "submit from the checkout or export REID_ROOT=/shared/path/to/checkout" >&2
         exit 2
     fi
-    cd "$REID_ROOT"
+    cd "$REID_ROOT" || exit 2
     if [ -z "${REID_PYTHON:-}" ]; then
         if [ -x "$REID_ROOT/.venv/bin/python" ]; then
             REID_PYTHON="$REID_ROOT/.venv/bin/python"
@@ -65,6 +66,7 @@ reid_launch() {
 # Wait for the step started by reid_launch; sets STEP_STATUS. A SIGTERM to the batch shell (scancel,
 # preemption) must not end it before the trainers have checkpointed: SLURM signals the step itself,
 # and the shell keeps waiting for it.
+# shellcheck disable=SC2034  # STEP_STATUS is read by the batch script that sourced this file.
 reid_wait() {
     trap 'echo "[$(date "+%F %T")] batch shell got SIGTERM; waiting for the trainers to checkpoint"' TERM
     STEP_STATUS=0
