@@ -1,0 +1,11 @@
+"""Evaluation: distributed feature extraction, chunked CMC/mAP/mINP, k-reciprocal re-ranking, pictures.
+
+Memory is bounded everywhere: metrics never argsort (or even hold) the q x g matrix, re-ranking never
+builds the (Q+G)² one. See each module's docstring for how.
+"""
+from pipeline.evaluation.metrics import (feature_distance, pairwise_distance, rank_metrics,
+                                         rank_metrics_from_features)
+from pipeline.evaluation.rerank import rerank, rerank_from_features
+
+__all__ = ["feature_distance", "pairwise_distance", "rank_metrics", "rank_metrics_from_features",
+           "rerank", "rerank_from_features"]

@@ -1,0 +1,310 @@
+"""Ranking metrics (CMC, mAP, mINP) under the Market-1501 protocol, in bounded memory.
+
+Protocol, per query: gallery items with the query's pid AND camera, and junk (pid -1), are removed;
+what is left is ranked by distance. CMC counts only the first correct match; AP is the mean over the
+correct matches of (correct matches so far / rank); mINP averages (number of correct matches / rank of
+the last one). Queries without any correct match left are skipped (``valid_queries`` counts the rest).
+
+Ties: gallery items are ordered by (distance, gallery index), which is what a *stable* argsort of each
+distance row gives. Every figure here is exactly the one that order produces.
+
+Why no argsort: a full q x g argsort needs 8 bytes per pair (19 GB on MSMT17) and O(G log G) per query.
+Only the ranks of the correct matches matter, and the rank of a match is one plus the number of valid
+gallery items ahead of it. Per query the few matches are sorted; each valid non-match is placed among
+them with a binary search (``searchsorted``); a histogram of those placements, cumulated, gives how many
+non-matches precede each match. That is O(G log M) per query for M matches, and the queries are
+processed in chunks, so memory is O(chunk x G) whatever the number of queries.
+:func:`rank_metrics_from_features` goes further and computes each chunk's distances on the fly, so the
+q x g matrix never exists at all.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+METRICS = ("euclidean", "cosine")
+DISTANCES = ("global", "local", "global+local")
+# Default chunk: about this many q x g cells per step (a few tens of MB of temporaries).
+CHUNK_CELLS = 1 << 22
+
+ArrayLike = Any  # numpy array, torch tensor or sequence
+
+
+def as_tensor(x: ArrayLike, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor view of `x` (numpy arrays are shared, not copied)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: expected a numpy array or torch tensor, got "
+                            f"{type(x).__name__} ({exc})") from None
+    t = t.cpu()
+    return t if dtype is None else t.to(dtype)
+
+
+def _labels(x: ArrayLike, name: str, n: int, n_name: str) -> torch.Tensor:
+    t = as_tensor(x, name)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D integer array, got dtype {t.dtype} shape "
+                         f"{tuple(t.shape)}")
+    if t.shape[0] != n:
+        raise ValueError(f"{name} has {t.shape[0]} entries but {n_name} has {n}; "
+                         f"pass one label per row/column")
+    return t.to(torch.int64)
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    # min/max propagate NaN and show inf: one cheap pass instead of isfinite's temporaries.
+    if x.numel() and not all(map(torch.isfinite, torch.aminmax(x))):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} has {bad} non-finite values (NaN/inf); check the model outputs "
+                         f"(e.g. a diverged checkpoint) before evaluating")
+
+
+def _auto_chunk(chunk_size: int | None, num_gallery: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_CELLS // max(1, num_gallery))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size is {chunk_size}; must be >= 1 (or None for automatic)")
+    return chunk_size
+
+
+# --------------------------------------------------------------------------------------------------
+# Distances
+# --------------------------------------------------------------------------------------------------
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """[m, d] x [n, d] -> [m, n]: Euclidean distance, or cosine distance (1 - cosine similarity)."""
+    if metric == "euclidean":
+        sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None]
+        sq = torch.addmm(sq, x, y.t(), alpha=-2.0)
+        return sq.clamp_(min=0).sqrt_()
+    if metric == "cosine":
+        return 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).t()
+    raise ValueError(f"metric is {metric!r}; must be one of {list(METRICS)}")
+
+
+def feature_distance(xf: torch.Tensor | None, yf: torch.Tensor | None, *, metric: str = "euclidean",
+                     x_local: torch.Tensor | None = None, y_local: torch.Tensor | None = None,
+                     distance: str = "global") -> torch.Tensor:
+    """Distances between two sets of images in one of the AlignedReID modes.
+
+    'global': `pairwise_distance` of the global features; 'local': the aligned local distance of the
+    stripe features (shortest path, pipeline.alignment); 'global+local': their sum.
+    """
+    if distance not in DISTANCES:
+        raise ValueError(f"distance is {distance!r}; must be one of {list(DISTANCES)}")
+    out = None
+    if distance in ("global", "global+local"):
+        out = pairwise_distance(xf, yf, metric)
+    if distance in ("local", "global+local"):
+        from pipeline.alignment import local_distance  # only needed for the local modes
+        d_local = local_distance(x_local, y_local).to(out.dtype if out is not None else x_local.dtype)
+        out = d_local if out is None else out + d_local
+    return out
+
+
+def check_features(qf: ArrayLike | None, gf: ArrayLike | None, local: tuple | None,
+                   distance: str) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                           torch.Tensor | None, torch.Tensor | None]:
+    """Validate the features a distance mode needs; returns (qf, gf, q_local, g_local) tensors."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance is {distance!r}; must be one of {list(DISTANCES)}")
+    q_local = g_local = None
+    if distance in ("global", "global+local"):
+        qf, gf = as_tensor(qf, "qf"), as_tensor(gf, "gf")
+        if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
+            raise ValueError(f"qf {tuple(qf.shape)} and gf {tuple(gf.shape)} must be [N, D] with the "
+                             f"same D")
+        if not qf.dtype.is_floating_point:
+            qf, gf = qf.float(), gf.float()
+        gf = gf.to(qf.dtype)
+        _check_finite(qf, "qf")
+        _check_finite(gf, "gf")
+    else:
+        qf = gf = None
+    if distance in ("local", "global+local"):
+        if local is None or len(local) != 2:
+            raise ValueError(f"distance={distance!r} needs local=(q_local, g_local) stripe features "
+                             f"[N, S, C]")
+        q_local, g_local = as_tensor(local[0], "q_local"), as_tensor(local[1], "g_local")
+        if q_local.dim() != 3 or g_local.dim() != 3 or q_local.shape[1:] != g_local.shape[1:]:
+            raise ValueError(f"q_local {tuple(q_local.shape)} and g_local {tuple(g_local.shape)} must "
+                             f"be [N, S, C] with the same S and C")
+        q_local, g_local = q_local.float(), g_local.float()
+        _check_finite(q_local, "q_local")
+        _check_finite(g_local, "g_local")
+        if qf is not None and (q_local.shape[0] != qf.shape[0] or g_local.shape[0] != gf.shape[0]):
+            raise ValueError(f"local features ({q_local.shape[0]}, {g_local.shape[0]} rows) and "
+                             f"global features ({qf.shape[0]}, {gf.shape[0]} rows) disagree")
+    elif local is not None:
+        raise ValueError(f"local features were given but distance={distance!r} does not use them; "
+                         f"pass distance='local' or 'global+local'")
+    return qf, gf, q_local, g_local
+
+
+# --------------------------------------------------------------------------------------------------
+# Core: ranks of the correct matches for a chunk of queries
+# --------------------------------------------------------------------------------------------------
+def _chunk_stats(dist: torch.Tensor, q_pids: torch.Tensor, q_cams: torch.Tensor,
+                 g_pids: torch.Tensor, g_cams: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For c queries against the whole gallery: (has_match [c] bool, first_rank [c], AP [c], INP [c]).
+
+    Ranks are 1-based among the valid gallery items, ordered by (distance, gallery index).
+    """
+    c, n_g = dist.shape
+    same_pid = q_pids[:, None] == g_pids[None, :]
+    valid = (g_pids[None, :] != -1) & ~(same_pid & (q_cams[:, None] == g_cams[None, :]))
+    match = same_pid & valid
+    n_match = match.sum(1)
+    has_match = n_match > 0
+    m = int(n_match.max()) if c else 0
+    if m == 0:
+        zeros = torch.zeros(c, dtype=torch.float64)
+        return has_match, torch.zeros(c, dtype=torch.int64), zeros, zeros
+
+    # Matches of each query packed into [c, m] (ascending gallery index; padding: +inf, index n_g),
+    # then sorted stably by distance, which gives (distance, index) order.
+    rows, cols = match.nonzero(as_tuple=True)
+    starts = torch.cumsum(n_match, 0) - n_match
+    slot = torch.arange(rows.numel()) - starts[rows]
+    m_dist = torch.full((c, m), float("inf"), dtype=dist.dtype)
+    m_idx = torch.full((c, m), n_g, dtype=torch.int64)
+    m_dist[rows, slot] = dist[rows, cols]
+    m_idx[rows, slot] = cols
+    m_dist, order = torch.sort(m_dist, dim=1, stable=True)
+    m_idx = torch.gather(m_idx, 1, order)
+
+    # r[q, g] = number of q's matches ordered before gallery item g.
+    nonmatch = valid ^ match                                  # valid items that are not matches
+    r = torch.searchsorted(m_dist, dist.contiguous(), right=False)
+    # Equal distances: matches with a smaller index also come first. Rare, so fixed up sparsely.
+    padded = torch.cat([m_dist, torch.full((c, 1), float("inf"), dtype=dist.dtype)], 1)
+    tie = (torch.gather(padded, 1, r) == dist) & nonmatch
+    if bool(tie.any()):
+        t_q, t_g = tie.nonzero(as_tuple=True)
+        lo = r[t_q, t_g]
+        hi = torch.searchsorted(m_dist[t_q], dist[t_q, t_g][:, None], right=True)[:, 0]
+        width = int((hi - lo).max())
+        pos = lo[:, None] + torch.arange(width)[None, :]
+        inside = pos < hi[:, None]
+        before = (torch.gather(m_idx[t_q], 1, pos.clamp(max=m - 1)) < t_g[:, None]) & inside
+        r[t_q, t_g] = lo + before.sum(1)
+
+    # Histogram of the placements of the valid non-matches (everything else goes to a dump column
+    # m + 1), cumulated: ahead[q, i] = number of them ranked before match i (0-based, sorted).
+    r.masked_fill_(~nonmatch, m + 1)
+    hist = torch.zeros((c, m + 2), dtype=torch.int64)
+    hist.scatter_add_(1, r, torch.ones((1, 1), dtype=torch.int64).expand(c, n_g))
+    ahead = torch.cumsum(hist, 1)[:, :m]
+    pos1 = torch.arange(1, m + 1, dtype=torch.int64)[None, :]            # i + 1
+    ranks = pos1 + ahead                                                  # 1-based ranks of matches
+    live = pos1 <= n_match[:, None]
+    prec = torch.where(live, pos1.double() / ranks.double(), torch.zeros((), dtype=torch.float64))
+    ap = prec.sum(1) / n_match.clamp(min=1).double()
+    last = torch.gather(ranks, 1, (n_match - 1).clamp(min=0)[:, None])[:, 0]
+    inp = n_match.double() / last.double()
+    return has_match, ranks[:, 0], ap, inp
+
+
+def _summarise(chunks: Iterator[tuple[torch.Tensor, ...]], max_rank: int) -> dict:
+    first_ranks, aps, inps = [], [], []
+    for has_match, first, ap, inp in chunks:
+        first_ranks.append(first[has_match])
+        aps.append(ap[has_match])
+        inps.append(inp[has_match])
+    first = torch.cat(first_ranks) if first_ranks else torch.zeros(0, dtype=torch.int64)
+    n = int(first.numel())
+    if n == 0:
+        raise ValueError("no query has a correct match in the gallery (after removing junk and "
+                         "same-camera matches): check that query and gallery come from the same "
+                         "split and that pids/camids are right")
+    counts = torch.bincount(first.clamp(max=max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]
+    cmc = (torch.cumsum(counts, 0).double() / n).numpy()
+
+    def within(k: int) -> float:
+        return float((first <= k).double().mean())
+
+    return {
+        "rank1": within(1), "rank5": within(5), "rank10": within(10),
+        "mAP": float(torch.cat(aps).mean()), "mINP": float(torch.cat(inps).mean()),
+        "cmc": cmc, "valid_queries": n,
+    }
+
+
+def _check_max_rank(max_rank: int) -> None:
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank is {max_rank!r}; must be a positive integer")
+
+
+def rank_metrics(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
+                 g_camids: ArrayLike, max_rank: int = 50, chunk_size: int | None = None) -> dict:
+    """CMC / mAP / mINP of a q x g distance matrix (numpy or torch, any float dtype).
+
+    Returns {'rank1', 'rank5', 'rank10', 'mAP', 'mINP' (fractions in [0, 1]), 'cmc' (numpy array
+    of length max_rank: cmc[k] = fraction of valid queries whose first match is within rank k+1),
+    'valid_queries'}. Queries are processed `chunk_size` at a time (default: about 4M cells each).
+    """
+    _check_max_rank(max_rank)
+    dist = as_tensor(distmat, "distmat")
+    if dist.dim() != 2:
+        raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(dist.shape)}")
+    if not dist.dtype.is_floating_point:
+        dist = dist.double()
+    n_q, n_g = dist.shape
+    qp = _labels(q_pids, "q_pids", n_q, "distmat rows")
+    gp = _labels(g_pids, "g_pids", n_g, "distmat columns")
+    qc = _labels(q_camids, "q_camids", n_q, "distmat rows")
+    gc = _labels(g_camids, "g_camids", n_g, "distmat columns")
+    step = _auto_chunk(chunk_size, n_g)
+
+    def chunks() -> Iterator[tuple[torch.Tensor, ...]]:
+        for s in range(0, n_q, step):
+            d = dist[s:s + step]
+            _check_finite(d, f"distmat rows {s}..{s + d.shape[0] - 1}")
+            yield _chunk_stats(d, qp[s:s + step], qc[s:s + step], gp, gc)
+
+    return _summarise(chunks(), max_rank)
+
+
+def rank_metrics_from_features(qf: ArrayLike | None, gf: ArrayLike | None, q_pids: ArrayLike,
+                               g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike,
+                               metric: str = "euclidean", max_rank: int = 50,
+                               chunk_size: int | None = None, local: tuple | None = None,
+                               distance: str = "global") -> dict:
+    """Like :func:`rank_metrics`, but from features: each chunk of queries gets its distances to the
+    gallery computed, scored and dropped, so memory is O(chunk x G) and the q x g matrix never exists.
+
+    metric: 'euclidean' or 'cosine' (global features). distance: 'global', 'local' (aligned local
+    distance of `local=(q_local [Q, S, C], g_local [G, S, C])`) or 'global+local' (their sum).
+    qf/gf may be None when distance='local'.
+    """
+    _check_max_rank(max_rank)
+    if metric not in METRICS:
+        raise ValueError(f"metric is {metric!r}; must be one of {list(METRICS)}")
+    qf, gf, q_local, g_local = check_features(qf, gf, local, distance)
+    n_q = (qf if qf is not None else q_local).shape[0]
+    n_g = (gf if gf is not None else g_local).shape[0]
+    qp = _labels(q_pids, "q_pids", n_q, "query features")
+    gp = _labels(g_pids, "g_pids", n_g, "gallery features")
+    qc = _labels(q_camids, "q_camids", n_q, "query features")
+    gc = _labels(g_camids, "g_camids", n_g, "gallery features")
+    step = _auto_chunk(chunk_size, n_g)
+
+    def chunks() -> Iterator[tuple[torch.Tensor, ...]]:
+        for s in range(0, n_q, step):
+            sl = slice(s, s + step)
+            d = feature_distance(qf[sl] if qf is not None else None, gf, metric=metric,
+                                 x_local=q_local[sl] if q_local is not None else None,
+                                 y_local=g_local, distance=distance)
+            yield _chunk_stats(d, qp[sl], qc[sl], gp, gc)
+
+    return _summarise(chunks(), max_rank)
