@@ -24,16 +24,17 @@ class AlignedReID(nn.Module):
     [N, S, local_dim], "logits": [N, num_classes]}`.
     Eval mode: `model(x) -> [N, D]` (post-neck), `model(x, return_local=True) -> (global, local)`.
 
-    S is the feature-map height: 8 at 256x128 with last_stride 2, 16 with last_stride 1."""
+    S is the feature-map height: 8 at 256x128 with last_stride 2, 16 with last_stride 1. `width` is the
+    trunk's base channel count (64 = torchvision's; smaller only for cheap tests)."""
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1, neck: bool = True,
-                 local_dim: int = 128, stripe_pool: str = "avg"):
+                 local_dim: int = 128, stripe_pool: str = "avg", width: int = 64):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes is {num_classes}; the identity classifier needs at least 1")
         if stripe_pool not in ("avg", "max"):
             raise ValueError(f"stripe_pool is {stripe_pool!r}; must be 'avg' or 'max'")
-        self.backbone = ResNet(backbone, last_stride)
+        self.backbone = ResNet(backbone, last_stride, width)
         dim = self.backbone.out_channels
         self.feat_dim, self.local_dim, self.stripe_pool = dim, local_dim, stripe_pool
         # BN neck (as in the strong baselines): the triplet loss sees the raw pooled feature, the

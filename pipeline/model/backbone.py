@@ -70,9 +70,10 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet trunk: image [N, 3, H, W] -> feature map [N, out_channels, H / s, W / s], s = 16 with
-    last_stride 1, 32 with last_stride 2."""
+    last_stride 1, 32 with last_stride 2. `width` is the channel count of the stem and first stage
+    (torchvision: 64); a smaller one gives a cheap network of the same structure and names for tests."""
 
-    def __init__(self, name: str = "resnet50", last_stride: int = 1):
+    def __init__(self, name: str = "resnet50", last_stride: int = 1, width: int = 64):
         super().__init__()
         if name not in ARCHS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHS)}")
@@ -80,17 +81,19 @@ class ResNet(nn.Module):
             raise ValueError(f"last_stride is {last_stride}; must be 1 or 2")
         kind, layers = ARCHS[name]
         block = BasicBlock if kind == "basic" else Bottleneck
+        if width < 1:
+            raise ValueError(f"width is {width}; must be >= 1")
         self.name = name
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], last_stride)
-        self.out_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, width, layers[0], 1)
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], last_stride)
+        self.out_channels = 8 * width * block.expansion
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

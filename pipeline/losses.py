@@ -1,0 +1,219 @@
+"""AlignedReID losses over the global batch of all ranks: batch-hard triplet on global features, local
+triplet on the same mined pairs with the aligned local distance, identity cross-entropy with label
+smoothing, and the two deep-mutual-learning terms.
+
+Cross-rank exactness. Every rank gathers the global/local features (differentiably: the backward of
+`all_gather_with_grad` sums every rank's gradient into the owner's slice) and the pids of all ranks,
+then computes the loss of ITS OWN anchors (rows) against the WHOLE gathered batch (columns): positives
+and negatives come from every rank, and each (anchor, candidate) term is computed on exactly one rank.
+With W ranks of A samples (N = W * A) and DDP averaging gradients (dividing by W), a rank's loss must be
+W times its share of the single-process loss for the averaged gradient to equal the single-process
+gradient of the mean over the global batch:
+
+* per-sample terms (ID, mutual KL): sum over own samples / A            (= W * sum / N)
+* mutual metric: sum over own rows of the N x N matrices / (A * N)      (= W * sum / N^2)
+* triplet terms: sum over own VALID anchors * W / V, where V is the number of valid anchors in the
+  GLOBAL batch (an anchor is valid when some other sample shares its pid and some sample does not).
+  V is computed identically on every rank from the gathered pids, at no extra communication. Dividing
+  by the rank's own valid count instead would weight anchors differently on ranks with different
+  counts and break exactness. When every anchor is valid this is the plain "sum over own anchors / A".
+
+Anchors that are not valid keep a zero weight rather than being dropped, so the local branch always
+takes part in the graph (DDP needs every parameter used in every step). tests/test_distributed_
+equivalence.py checks the exactness with real gloo process groups.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .alignment import EPS, paired_local_distance
+from .config import LossConfig
+from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
+
+TERMS = ("global_triplet", "local_triplet", "id", "mutual_prob", "mutual_metric")
+
+
+def pairwise_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances [A, D] x [N, D] -> [A, N]; the clamp keeps the gradient finite at 0."""
+    sq = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2.0 * a @ b.t()
+    return sq.clamp_min(EPS).sqrt()
+
+
+def valid_anchors(pids: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the sample has a positive besides itself and at least one negative in the batch."""
+    _, inverse, counts = torch.unique(pids, return_inverse=True, return_counts=True)
+    return (counts[inverse] >= 2) & (counts.numel() > 1)
+
+
+def batch_hard_mining(dist: torch.Tensor, anchor_pids: torch.Tensor, pids: torch.Tensor,
+                      anchor_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hardest positive and negative per anchor, with masks (any number of images per identity).
+
+    dist [A, N]: anchors (rows) against candidates (columns); anchor_pids [A]; pids [N];
+    anchor_index [A]: the column of each anchor itself (excluded from its positives).
+    Returns (pos_index [A], neg_index [A], valid [A]); an anchor without a positive besides itself or
+    without a negative is not valid and its indices are arbitrary (but in range). Ties go to the
+    lowest column, the same on every rank and in a single process."""
+    same = anchor_pids[:, None] == pids[None, :]
+    is_self = torch.zeros_like(same)
+    is_self[torch.arange(len(anchor_index), device=dist.device), anchor_index] = True
+    positive, negative = same & ~is_self, ~same
+    d = dist.detach()
+    pos_index = d.masked_fill(~positive, -torch.inf).argmax(1)
+    neg_index = d.masked_fill(~negative, torch.inf).argmin(1)
+    return pos_index, neg_index, positive.any(1) & negative.any(1)
+
+
+def triplet(d_ap: torch.Tensor, d_an: torch.Tensor, margin: float | None) -> torch.Tensor:
+    """Per-anchor triplet loss: hinge with `margin`, or the soft margin log(1 + e^(d_ap - d_an))."""
+    if margin is None:
+        return F.softplus(d_ap - d_an)
+    return F.relu(d_ap - d_an + margin)
+
+
+def _as_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.dtype != dtype else t
+
+
+class AlignedReIDCriterion:
+    """`criterion(outputs, pids, labels) -> (loss, terms)`.
+
+    outputs: the model's train-mode dict (`global` [A, D], `local` [A, S, L], `logits` [A, C]) or, with
+    `mutual`, the list of the two networks' dicts. pids: [A] identity ids (mining), labels: [A] class
+    indices (ID loss), both for this rank's samples. Every rank must call it with the same A.
+
+    loss: this rank's loss (see the module docstring for the normalisation that makes DDP's averaged
+    gradient equal the single-process one). terms: detached scalars `global_triplet`, `local_triplet`,
+    `id`, `mutual_prob`, `mutual_metric` (unweighted; summed over the two networks of a mutual pair;
+    each is this rank's share, so their mean over ranks is the single-process value), `precision`
+    (fraction of this rank's valid anchors with d(a, n) > d(a, p), averaged over networks) and `total`.
+    A term with weight 0 is not computed (reported as 0). `last_timing` holds the wall time of the
+    last call: `comm_s` (feature and pid gathers) and `loss_s` (the whole forward of the loss);
+    `synchronize=True` waits for the GPU around them for exact figures."""
+
+    def __init__(self, loss_cfg: LossConfig, mutual: bool = False, synchronize: bool = False):
+        self.cfg, self.mutual, self.synchronize = loss_cfg, mutual, synchronize
+        weights = {"global_triplet": loss_cfg.global_weight, "local_triplet": loss_cfg.local_weight,
+                   "id": loss_cfg.id_weight,
+                   "mutual_prob": loss_cfg.mutual_prob_weight if mutual else 0.0,
+                   "mutual_metric": loss_cfg.mutual_metric_weight if mutual else 0.0}
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"loss weights must be >= 0; got {weights}")
+        if not any(weights.values()):
+            raise ValueError("every loss weight is 0 (loss.global_weight, loss.local_weight, loss.id_weight"
+                             + (", loss.mutual_prob_weight, loss.mutual_metric_weight" if mutual else "")
+                             + "); set at least one > 0")
+        self.weights = weights
+        self.last_timing: dict[str, float] = {}
+
+    def _clock(self, device: torch.device) -> float:
+        if self.synchronize and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _check(self, outputs, pids: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+        nets = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        if len(nets) != (2 if self.mutual else 1):
+            raise ValueError(f"AlignedReIDCriterion(mutual={self.mutual}) expects "
+                             f"{'a list of 2 output dicts (MutualPair)' if self.mutual else 'one output dict'}; "
+                             f"got {len(nets)}")
+        count = pids.shape[0]
+        for i, net in enumerate(nets):
+            missing = {"global", "local", "logits"} - set(net)
+            if missing:
+                raise ValueError(f"model output {i} lacks {sorted(missing)}; the criterion needs the "
+                                 f"train-mode outputs (call model.train())")
+            for key in ("global", "local", "logits"):
+                if net[key].shape[0] != count:
+                    raise ValueError(f"model output {i}['{key}'] has {net[key].shape[0]} rows but pids has "
+                                     f"{count}")
+        if labels.shape[0] != count:
+            raise ValueError(f"labels has {labels.shape[0]} rows but pids has {count}")
+        return nets
+
+    def __call__(self, outputs, pids: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nets = self._check(outputs, pids, labels)
+        device = pids.device
+        start = self._clock(device)
+        with torch.autocast(device.type, enabled=False):
+            loss, terms, comm_s = self._compute(nets, pids, labels)
+        self.last_timing = {"comm_s": comm_s, "loss_s": self._clock(device) - start}
+        return loss, terms
+
+    def _compute(self, nets: list[dict], pids: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        w, cfg = self.weights, self.cfg
+        # Losses in at least float32, whatever precision the model ran in.
+        dtype = torch.promote_types(torch.promote_types(nets[0]["global"].dtype, nets[0]["local"].dtype),
+                                    torch.float32)
+        count, device = pids.shape[0], pids.device
+        mine = w["global_triplet"] > 0 or w["local_triplet"] > 0
+        need_dist = mine or w["mutual_metric"] > 0
+        need_local = w["local_triplet"] > 0
+        sums = {name: torch.zeros((), dtype=dtype, device=device) for name in TERMS}
+        precision = torch.zeros((), dtype=dtype, device=device)
+        comm_s = 0.0
+
+        if need_dist:
+            # One gather for every network's global (and local) features: [A, sum of widths].
+            parts = [_as_float(net["global"], dtype) for net in nets]
+            if need_local:
+                parts += [_as_float(net["local"], dtype).flatten(1) for net in nets]
+            t0 = self._clock(device)
+            gathered = all_gather_with_grad(torch.cat(parts, 1))
+            all_pids = all_gather_no_grad(pids)
+            comm_s = self._clock(device) - t0
+            widths = [p.shape[1] for p in parts]
+            pieces = list(torch.split(gathered, widths, dim=1))
+            g_all = pieces[:len(nets)]
+            l_all = [p.view(p.shape[0], *net["local"].shape[1:])
+                     for p, net in zip(pieces[len(nets):], nets)]
+            world, total = get_world_size(), gathered.shape[0]
+            first = get_rank() * count
+            own = slice(first, first + count)
+            dists = [pairwise_euclidean(g[own], g) for g in g_all]           # [A, N] per network
+            if mine:
+                anchor_index = torch.arange(first, first + count, device=device)
+                num_valid = int(valid_anchors(all_pids).sum())               # V: same on every rank
+                scale = world / max(num_valid, 1)
+            for i, dist in enumerate(dists):
+                if mine:
+                    pos, neg, valid = batch_hard_mining(dist, pids, all_pids, anchor_index)
+                    weight = valid.to(dtype) * scale
+                    d_ap = dist.gather(1, pos[:, None]).squeeze(1)
+                    d_an = dist.gather(1, neg[:, None]).squeeze(1)
+                    correct = ((d_an > d_ap) & valid).sum()
+                    precision = precision + correct.to(dtype) / max(int(valid.sum()), 1) / len(nets)
+                    if w["global_triplet"] > 0:
+                        sums["global_triplet"] = sums["global_triplet"] + (triplet(d_ap, d_an, cfg.margin)
+                                                                           * weight).sum()
+                    if need_local:
+                        anchors = l_all[i][own]
+                        local_d = paired_local_distance(torch.cat([anchors, anchors]),
+                                                        l_all[i][torch.cat([pos, neg])])
+                        l_ap, l_an = local_d[:count], local_d[count:]
+                        sums["local_triplet"] = sums["local_triplet"] + (triplet(l_ap, l_an, cfg.margin)
+                                                                         * weight).sum()
+                if w["mutual_metric"] > 0:
+                    partner = dists[1 - i].detach()
+                    sums["mutual_metric"] = sums["mutual_metric"] + (dist - partner).pow(2).sum() / (count * total)
+
+        for i, net in enumerate(nets):
+            logits = _as_float(net["logits"], dtype)
+            if w["id"] > 0:
+                sums["id"] = sums["id"] + F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            if w["mutual_prob"] > 0:
+                # KL(p_partner || p_self), partner detached, summed over classes, mean over own samples.
+                partner = F.log_softmax(_as_float(nets[1 - i]["logits"], dtype), 1).detach()
+                sums["mutual_prob"] = sums["mutual_prob"] + F.kl_div(
+                    F.log_softmax(logits, 1), partner, reduction="sum", log_target=True) / count
+
+        loss = sum(w[name] * sums[name] for name in TERMS if w[name] > 0)
+        terms = {name: value.detach() for name, value in sums.items()}
+        terms["precision"] = precision.detach()
+        terms["total"] = loss.detach()
+        return loss, terms, comm_s
