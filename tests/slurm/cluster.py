@@ -40,7 +40,7 @@ class ClusterError(RuntimeError):
     """The cluster could not start, or a job did not do what was asked; the message carries the logs."""
 
 
-def _which(cmd: str) -> str:
+def which(cmd: str) -> str:
     found = shutil.which(cmd) or shutil.which(cmd, path=os.pathsep.join(SBIN))
     if not found:
         raise ClusterError(f"'{cmd}' not found: install SLURM and MUNGE with `bash tests/slurm/install.sh`")
@@ -169,21 +169,21 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         self._write_config()
         key = self.root / "munge" / "munge.key"
         if not key.exists():
-            subprocess.run([_which("mungekey"), "--create", "--keyfile", str(key)], check=True,
+            subprocess.run([which("mungekey"), "--create", "--keyfile", str(key)], check=True,
                            capture_output=True)
         key.chmod(0o600)
         try:
-            self._spawn("munged", [_which("munged"), "--foreground", "--force",
+            self._spawn("munged", [which("munged"), "--foreground", "--force",
                                    f"--key-file={key}", f"--socket={self.munge_socket}",
                                    f"--pid-file={self.root}/pid/munged.pid",
                                    f"--log-file={self.root}/log/munged.log",
                                    f"--seed-file={self.root}/munge/munged.seed"])
             self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged to open its socket")
             # -i: ignore state from an earlier start in the same directory.
-            self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+            self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait_for(self._controller_up, timeout, "slurmctld to answer")
             for node in self.nodes:
-                self._spawn(f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
+                self._spawn(f"slurmd-{node}", [which("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
             self._wait_for(self._nodes_idle, timeout, f"nodes {','.join(self.nodes)} to become idle")
         except BaseException:
             self.stop()
@@ -268,7 +268,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
     # ---------------------------------------------------------------------------------------------
     def _run(self, argv: list[str], *, check: bool = True, timeout: float = 30.0,
              cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-        result = subprocess.run([_which(argv[0]), *argv[1:]], env=self.env, cwd=cwd, text=True,
+        result = subprocess.run([which(argv[0]), *argv[1:]], env=self.env, cwd=cwd, text=True,
                                 capture_output=True, timeout=timeout)
         if check and result.returncode != 0:
             raise ClusterError(f"`{' '.join(argv)}` failed ({result.returncode}): "
@@ -279,7 +279,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                env: dict[str, str] | None = None) -> int:
         """Submit `sbatch args...` and return the job id. `env` adds variables the job inherits."""
         full_env = self.env | (env or {})
-        result = subprocess.run([_which("sbatch"), "--parsable", *args], env=full_env, cwd=cwd,
+        result = subprocess.run([which("sbatch"), "--parsable", *args], env=full_env, cwd=cwd,
                                 text=True, capture_output=True, timeout=30)
         if result.returncode != 0:
             raise ClusterError(f"sbatch {' '.join(args)} failed: {result.stderr.strip()}")
