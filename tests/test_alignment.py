@@ -1,0 +1,133 @@
+"""Shortest path and aligned local distance against brute-force references (the textbook cell-by-cell
+recurrence and per-pair loops), for square and non-square grids, with and without autograd, and
+gradchecks in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.alignment import local_distance, paired_local_distance, shortest_path
+
+SHAPES = [(1, 1), (1, 6), (6, 1), (3, 7), (7, 3), (5, 5), (8, 8)]
+
+
+def brute_shortest_path(d: torch.Tensor) -> float:
+    """S(0,0)=d00; S(i,0)=S(i-1,0)+di0; S(0,j)=S(0,j-1)+d0j; S(i,j)=min(S(i-1,j), S(i,j-1))+dij."""
+    m, n = d.shape
+    s = [[0.0] * n for _ in range(m)]
+    for i in range(m):
+        for j in range(n):
+            cell = float(d[i, j])
+            if i == 0 and j == 0:
+                s[i][j] = cell
+            elif i == 0:
+                s[i][j] = s[i][j - 1] + cell
+            elif j == 0:
+                s[i][j] = s[i - 1][j] + cell
+            else:
+                s[i][j] = min(s[i - 1][j], s[i][j - 1]) + cell
+    return s[-1][-1]
+
+
+def brute_local_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(len(x), len(y), dtype=torch.float64)
+    for a in range(len(x)):
+        for b in range(len(y)):
+            euclid = (x[a, :, None, :] - y[b, None, :, :]).double().pow(2).sum(-1).sqrt()
+            element = (euclid.exp() - 1) / (euclid.exp() + 1)        # the paper's formula, literally
+            out[a, b] = brute_shortest_path(element)
+    return out
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_shortest_path_matches_brute_force(m: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m * 100 + n)
+    d = torch.rand(3, 4, m, n, generator=gen, dtype=torch.float64)
+    expected = torch.tensor([[brute_shortest_path(g) for g in row] for row in d], dtype=torch.float64)
+    torch.testing.assert_close(shortest_path(d), expected, rtol=1e-12, atol=1e-12)        # in-place path
+    torch.testing.assert_close(shortest_path(d.clone().requires_grad_()), expected, rtol=1e-12, atol=1e-12)
+    # A non-contiguous view of the grid gives the same answer.
+    transposed = d.transpose(-1, -2).contiguous().transpose(-1, -2)
+    torch.testing.assert_close(shortest_path(transposed), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_shortest_path_picks_the_cheap_corridor() -> None:
+    # Only the first row and the last column are cheap: the path must go right, then down.
+    d = torch.full((4, 6), 10.0)
+    d[0, :] = 1.0
+    d[:, -1] = 1.0
+    assert shortest_path(d).item() == pytest.approx(9.0)
+    # Its gradient marks exactly the cells of the path.
+    g = d.clone().requires_grad_()
+    shortest_path(g).backward()
+    path = torch.zeros(4, 6)
+    path[0, :] = 1.0
+    path[:, -1] = 1.0
+    torch.testing.assert_close(g.grad, path)
+
+
+@pytest.mark.parametrize("m,n", [(3, 5), (5, 3), (4, 4), (1, 4)])
+def test_shortest_path_gradcheck(m: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    d = torch.rand(2, m, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(shortest_path, (d,))
+
+
+@pytest.mark.parametrize("m,n", [(4, 6), (6, 4), (5, 5), (1, 3)])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_local_distance_matches_brute_force(m: int, n: int, chunk_size: int | None) -> None:
+    gen = torch.Generator().manual_seed(m * 10 + n)
+    x = torch.randn(5, m, 16, generator=gen, dtype=torch.float64)
+    y = torch.randn(9, n, 16, generator=gen, dtype=torch.float64)
+    expected = brute_local_distance(x, y)
+    torch.testing.assert_close(local_distance(x, y, chunk_size=chunk_size), expected, rtol=1e-9, atol=1e-9)
+    got = local_distance(x.clone().requires_grad_(), y, chunk_size=chunk_size)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_local_distance_float32_and_identical_stripes() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, 128, generator=gen).relu()
+    y = torch.cat([x[:2], torch.randn(10, 8, 128, generator=gen).relu()])
+    expected = brute_local_distance(x, y).float()
+    got = local_distance(x, y)
+    assert got.dtype == torch.float32
+    same = torch.zeros_like(got, dtype=torch.bool)
+    same[0, 0] = same[1, 1] = True
+    torch.testing.assert_close(got[~same], expected[~same], rtol=1e-5, atol=1e-4)
+    # Identical images: float32 |x|^2 + |y|^2 - 2xy cancellation leaves ~sqrt(eps * |x|^2) per cell.
+    torch.testing.assert_close(got[same], expected[same], rtol=0, atol=2e-2)
+
+
+def test_local_distance_gradcheck_and_paired() -> None:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: local_distance(a, b, chunk_size=5), (x, y))
+    yp = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(paired_local_distance, (x, yp))
+    full = brute_local_distance(x.detach(), yp.detach())
+    torch.testing.assert_close(paired_local_distance(x, yp).detach(), full.diagonal(), rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_finite_at_zero_distance() -> None:
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    paired_local_distance(x, y).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    x.grad = None
+    local_distance(x, y).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_shapes_are_named() -> None:
+    with pytest.raises(ValueError, match=r"x \[M, m, c\]"):
+        local_distance(torch.zeros(2, 3), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="same c"):
+        local_distance(torch.zeros(2, 3, 5), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="chunk_size"):
+        local_distance(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), chunk_size=0)
+    with pytest.raises(ValueError, match="same number of rows"):
+        paired_local_distance(torch.zeros(2, 3, 4), torch.zeros(3, 3, 4))
+    with pytest.raises(ValueError, match=r"\[\.\.\., m, n\]"):
+        shortest_path(torch.zeros(5))
