@@ -215,28 +215,37 @@ def _chunk_stats(dist: torch.Tensor, q_pids: torch.Tensor, q_cams: torch.Tensor,
     return has_match, ranks[:, 0], ap, inp
 
 
-def _summarise(chunks: Iterator[tuple[torch.Tensor, ...]], max_rank: int) -> dict:
+def _collect(chunks: Iterator[tuple[torch.Tensor, ...]]) -> dict[str, np.ndarray]:
+    """Per-query figures of the queries that have a correct match, in query order."""
     first_ranks, aps, inps = [], [], []
     for has_match, first, ap, inp in chunks:
         first_ranks.append(first[has_match])
         aps.append(ap[has_match])
         inps.append(inp[has_match])
-    first = torch.cat(first_ranks) if first_ranks else torch.zeros(0, dtype=torch.int64)
-    n = int(first.numel())
+    if not first_ranks:
+        return {"first_rank": np.zeros(0, np.int64), "ap": np.zeros(0), "inp": np.zeros(0)}
+    return {"first_rank": torch.cat(first_ranks).numpy(), "ap": torch.cat(aps).numpy(),
+            "inp": torch.cat(inps).numpy()}
+
+
+def summarise(stats: dict[str, np.ndarray] | list[dict[str, np.ndarray]], max_rank: int = 50) -> dict:
+    """The metrics dict from per-query figures (one dict, or a list of them, e.g. one per rank, each
+    covering a disjoint share of the queries)."""
+    _check_max_rank(max_rank)
+    parts = stats if isinstance(stats, list) else [stats]
+    first = np.concatenate([p["first_rank"] for p in parts]).astype(np.int64)
+    n = int(first.size)
     if n == 0:
         raise ValueError("no query has a correct match in the gallery (after removing junk and "
                          "same-camera matches): check that query and gallery come from the same "
                          "split and that pids/camids are right")
-    counts = torch.bincount(first.clamp(max=max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]
-    cmc = (torch.cumsum(counts, 0).double() / n).numpy()
-
-    def within(k: int) -> float:
-        return float((first <= k).double().mean())
-
+    counts = np.bincount(np.minimum(first, max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]
     return {
-        "rank1": within(1), "rank5": within(5), "rank10": within(10),
-        "mAP": float(torch.cat(aps).mean()), "mINP": float(torch.cat(inps).mean()),
-        "cmc": cmc, "valid_queries": n,
+        "rank1": float(np.mean(first <= 1)), "rank5": float(np.mean(first <= 5)),
+        "rank10": float(np.mean(first <= 10)),
+        "mAP": float(np.concatenate([p["ap"] for p in parts]).mean()),
+        "mINP": float(np.concatenate([p["inp"] for p in parts]).mean()),
+        "cmc": np.cumsum(counts) / n, "valid_queries": n,
     }
 
 
@@ -272,22 +281,16 @@ def rank_metrics(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_cam
             _check_finite(d, f"distmat rows {s}..{s + d.shape[0] - 1}")
             yield _chunk_stats(d, qp[s:s + step], qc[s:s + step], gp, gc)
 
-    return _summarise(chunks(), max_rank)
+    return summarise(_collect(chunks()), max_rank)
 
 
-def rank_metrics_from_features(qf: ArrayLike | None, gf: ArrayLike | None, q_pids: ArrayLike,
-                               g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike,
-                               metric: str = "euclidean", max_rank: int = 50,
-                               chunk_size: int | None = None, local: tuple | None = None,
-                               distance: str = "global") -> dict:
-    """Like :func:`rank_metrics`, but from features: each chunk of queries gets its distances to the
-    gallery computed, scored and dropped, so memory is O(chunk x G) and the q x g matrix never exists.
-
-    metric: 'euclidean' or 'cosine' (global features). distance: 'global', 'local' (aligned local
-    distance of `local=(q_local [Q, S, C], g_local [G, S, C])`) or 'global+local' (their sum).
-    qf/gf may be None when distance='local'.
-    """
-    _check_max_rank(max_rank)
+def query_stats_from_features(qf: ArrayLike | None, gf: ArrayLike | None, q_pids: ArrayLike,
+                              g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike,
+                              metric: str = "euclidean", chunk_size: int | None = None,
+                              local: tuple | None = None, distance: str = "global"
+                              ) -> dict[str, np.ndarray]:
+    """Per-query figures ('first_rank', 'ap', 'inp' of the queries with a correct match) for
+    :func:`summarise`. Queries are independent, so ranks can each take a share of them."""
     if metric not in METRICS:
         raise ValueError(f"metric is {metric!r}; must be one of {list(METRICS)}")
     qf, gf, q_local, g_local = check_features(qf, gf, local, distance)
@@ -307,4 +310,21 @@ def rank_metrics_from_features(qf: ArrayLike | None, gf: ArrayLike | None, q_pid
                                  y_local=g_local, distance=distance)
             yield _chunk_stats(d, qp[sl], qc[sl], gp, gc)
 
-    return _summarise(chunks(), max_rank)
+    return _collect(chunks())
+
+
+def rank_metrics_from_features(qf: ArrayLike | None, gf: ArrayLike | None, q_pids: ArrayLike,
+                               g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike,
+                               metric: str = "euclidean", max_rank: int = 50,
+                               chunk_size: int | None = None, local: tuple | None = None,
+                               distance: str = "global") -> dict:
+    """Like :func:`rank_metrics`, but from features: each chunk of queries gets its distances to the
+    gallery computed, scored and dropped, so memory is O(chunk x G) and the q x g matrix never exists.
+
+    metric: 'euclidean' or 'cosine' (global features). distance: 'global', 'local' (aligned local
+    distance of `local=(q_local [Q, S, C], g_local [G, S, C])`) or 'global+local' (their sum).
+    qf/gf may be None when distance='local'.
+    """
+    _check_max_rank(max_rank)
+    return summarise(query_stats_from_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric,
+                                               chunk_size, local, distance), max_rank)
