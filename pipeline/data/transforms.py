@@ -1,0 +1,115 @@
+"""Batched image transforms on tensors, so augmentation can run on the training device (GPU or CPU).
+
+`TrainAugment` is the re-ID recipe of the strong baselines: resize, random horizontal flip, pad then
+random crop back to size, ImageNet normalisation, random erasing (Zhong et al.; after normalisation
+with value 0, i.e. the mean colour). It draws from the global torch RNG of the tensor's device, so the
+trainer's RNG state (checkpointed) fixes it; the data stream seeds it per step when it augments itself.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The mean colour in uint8: a stand-in for images that cannot be decoded at evaluation time.
+MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+def to_float(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; float input is taken to be in [0, 1] already."""
+    if batch.dtype == torch.uint8:
+        return batch.float().div_(255.0)
+    return batch.float()
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float batch [N, 3, H, W] -> ImageNet-normalised float32 (no augmentation)."""
+    x = to_float(batch)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def resize(batch: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Float batch -> bilinear resize to (H, W), antialiased when shrinking; no-op at the right size."""
+    if tuple(batch.shape[-2:]) == tuple(image_size):
+        return batch
+    return F.interpolate(batch, size=tuple(image_size), mode="bilinear", align_corners=False, antialias=True)
+
+
+class TrainAugment(nn.Module):
+    """uint8 or [0, 1] float batch [N, 3, H, W] -> augmented, ImageNet-normalised float [N, 3, *image_size].
+
+    Steps: resize, horizontal flip (per image, `flip_prob`), zero-pad by `pad` then crop back at a random
+    offset, normalise, random erasing (per image, `erasing_prob`; area 2-40 %, aspect 0.3-3.3, value 0 =
+    the mean colour, as in Zhong et al.). A probability or size of 0 switches its step off.
+
+    Each step is one vectorised tensor operation over the whole batch (a gather for the crop, a mask for
+    the erasing), on whatever device the batch is. kornia's augmentation modules do the same through
+    generic per-sample parameter machinery that measured 2-3x slower on a CPU at 256x128
+    (benchmarks/data_throughput.py prints both); the stream's workers pay that cost on every step."""
+
+    def __init__(self, image_size: tuple[int, int] | list[int], flip_prob: float = 0.5, pad: int = 10,
+                 erasing_prob: float = 0.5, erasing_scale: tuple[float, float] = (0.02, 0.4),
+                 erasing_ratio: tuple[float, float] = (0.3, 3.3)):
+        super().__init__()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.flip_prob, self.pad, self.erasing_prob = float(flip_prob), int(pad), float(erasing_prob)
+        self.erasing_scale, self.erasing_ratio = erasing_scale, erasing_ratio
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(x.shape[0], device=x.device) < self.flip_prob
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+    def _pad_crop(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.pad
+        padded = F.pad(x, (p, p, p, p)).flatten(2)
+        dy = torch.randint(0, 2 * p + 1, (n, 1, 1), device=x.device)
+        dx = torch.randint(0, 2 * p + 1, (n, 1, 1), device=x.device)
+        rows = dy + torch.arange(h, device=x.device).view(1, h, 1)
+        cols = dx + torch.arange(w, device=x.device).view(1, 1, w)
+        index = (rows * (w + 2 * p) + cols).view(n, 1, h * w).expand(n, c, h * w)
+        return padded.gather(2, index).view(n, c, h, w)
+
+    def _erase(self, x: torch.Tensor, attempts: int = 10) -> torch.Tensor:
+        n, _, h, w = x.shape
+        dev = x.device
+        area = torch.empty(n, attempts, device=dev).uniform_(*self.erasing_scale) * (h * w)
+        log_ratio = torch.empty(n, attempts, device=dev).uniform_(math.log(self.erasing_ratio[0]),
+                                                                 math.log(self.erasing_ratio[1]))
+        eh = (area * log_ratio.exp()).sqrt().round().long()
+        ew = (area / log_ratio.exp()).sqrt().round().long()
+        fits = (eh < h) & (ew < w) & (eh > 0) & (ew > 0)
+        first = torch.where(fits.any(1), fits.float().argmax(1), torch.zeros(n, dtype=torch.long, device=dev))
+        eh, ew = eh.gather(1, first[:, None]).squeeze(1), ew.gather(1, first[:, None]).squeeze(1)
+        erase = fits.any(1) & (torch.rand(n, device=dev) < self.erasing_prob)
+        y0 = (torch.rand(n, device=dev) * (h - eh + 1).clamp(min=1)).long()
+        x0 = (torch.rand(n, device=dev) * (w - ew + 1).clamp(min=1)).long()
+        ys = torch.arange(h, device=dev).view(1, h, 1)
+        xs = torch.arange(w, device=dev).view(1, 1, w)
+        mask = ((ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1)) & (xs >= x0.view(n, 1, 1))
+                & (xs < (x0 + ew).view(n, 1, 1)) & erase.view(n, 1, 1))
+        return x.masked_fill(mask.unsqueeze(1), 0.0)
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        x = resize(to_float(batch), self.image_size)
+        if self.flip_prob > 0:
+            x = self._flip(x)
+        if self.pad > 0:
+            x = self._pad_crop(x)
+        x = (x - self.mean) / self.std
+        if self.erasing_prob > 0:
+            x = self._erase(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return (f"image_size={self.image_size}, flip_prob={self.flip_prob}, pad={self.pad}, "
+                f"erasing_prob={self.erasing_prob}")
