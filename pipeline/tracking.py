@@ -19,7 +19,7 @@ A resumed training passes its run id to ``start`` and continues that run: same i
 Usage (see docs/interfaces.md)::
 
     tracker = Tracker(cfg.tracking, is_main=dist.is_main, output_dir=cfg.output_dir)
-    run_id = tracker.start(params=cfg.flat(), tags=run_tags(dist, cfg.data.shards), run_id=resumed)
+    run_id = tracker.start(params=cfg.flat(), tags={"world_size": "2"}, run_id=resumed)
     tracker.log_metrics({"loss/total": 1.2, "lr": 2e-4}, step=global_step)
     tracker.log_artifact("outputs/run/plots/cmc.png", artifact_path="plots")
     tracker.log_model(model)
@@ -31,12 +31,12 @@ background, and ``tracker.run_id`` holds its id from then on (store that one in 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import posixpath
 import re
 import shutil
 import subprocess
@@ -63,7 +63,6 @@ from mlflow.utils.validation import (
 )
 
 from pipeline.config import TrackingConfig
-from pipeline.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +137,12 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    # A hard link snapshots the file for free: writers that replace files atomically leave it intact.
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _upload(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
+    """A file goes to <artifact_path>/<name>; a directory too, with its contents below it."""
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), posixpath.join(artifact_path or "", path.name))
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,22 +173,6 @@ def environment_tags() -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         tags["git.dirty"] = "unknown" if dirty is None else str(bool(dirty)).lower()
-    return tags
-
-
-def run_tags(dist: DistInfo, shards_dir: str | Path | None = None) -> dict[str, str]:
-    """Tags describing the job: world size, nodes, process-group backend, dataset manifest hash."""
-    tags = {
-        "world_size": str(dist.world_size),
-        "nodes": str(dist.num_nodes),
-        "dist_backend": dist.backend or "none",
-        "device": dist.device.type,
-    }
-    if shards_dir is not None:
-        manifest = Path(shards_dir) / "manifest.json"
-        if manifest.is_file():
-            tags["dataset.manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-            tags["dataset.shards"] = str(shards_dir)
     return tags
 
 
@@ -338,8 +321,8 @@ class Tracker:
         self._record(values, int(step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Queue a file or directory for upload under `artifact_path`. It is snapshotted now (hard
-        link or copy), so the caller may overwrite or delete it afterwards."""
+        """Queue a file or directory for upload as <artifact_path>/<its name>. It is copied now
+        (local disk), so the caller may overwrite or delete it afterwards."""
         if not self.active:
             return
         self._require_running("log_artifact")
@@ -348,9 +331,9 @@ class Tracker:
             raise FileNotFoundError(f"Tracker.log_artifact: '{path}' does not exist")
         staged = self._stage_dir() / path.resolve().name
         if path.is_dir():
-            shutil.copytree(path, staged, copy_function=_link_or_copy)
+            shutil.copytree(path, staged)
         else:
-            _link_or_copy(str(path), str(staged))
+            shutil.copy2(path, staged)
         self._queue_artifact(staged, artifact_path)
 
     def log_model(self, model) -> None:
@@ -372,7 +355,7 @@ class Tracker:
             code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pyyaml"],
         )
-        self._queue_artifact(target, "model")
+        self._queue_artifact(target, None)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status` (FINISHED | FAILED | KILLED).
@@ -533,11 +516,7 @@ class Tracker:
         elif op.kind == "metrics":
             client.log_batch(self.run_id, metrics=op.data)
         elif op.kind == "artifact":
-            path, artifact_path = op.data
-            if path.is_dir():
-                client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
-            else:
-                client.log_artifact(self.run_id, str(path), artifact_path)
+            _upload(client, self.run_id, *op.data)
         elif op.kind == "terminate":
             client.set_terminated(self.run_id, op.data)
         if self._down:
@@ -641,10 +620,7 @@ class Tracker:
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
             for path, artifact_path in self._artifacts:
-                if path.is_dir():
-                    client.log_artifacts(run_id, str(path), artifact_path or path.name)
-                else:
-                    client.log_artifact(run_id, str(path), artifact_path)
+                _upload(client, run_id, path, artifact_path)
             client.set_terminated(run_id, status)
         except Exception as exc:
             logger.error("MLflow: writing the fallback store %s failed (%s); every metric is still in %s",
