@@ -40,7 +40,10 @@ def free_port() -> int:
 
 
 def node_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # Without the opt-out, torch 2.x's c10d rendezvous lets a node that joins after a restart (a
+    # replacement) wait forever for the workers' store address: the surviving rank 0 publishes it only
+    # in the first round. docs/multinode.md tells users the same.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -51,7 +54,8 @@ def node_cmd(port: int, run_id: str, shards: Path, out: Path, max_restarts: int 
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
             "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
             str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
-            f"data.shards={shards}", f"output_dir={out}", "tracking.enabled=false", "train.epochs=2"]
+            f"data.shards={shards}", f"output_dir={out}", "tracking.enabled=false", "train.epochs=2",
+            "train.steps_per_epoch=3"]
 
 
 class Node:
