@@ -323,6 +323,9 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)
         with torch.no_grad():
             images = self.augment(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_aug = time.perf_counter() - t0
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.engine is not None and self.cfg.train.amp == "bf16":
@@ -333,7 +336,7 @@ class Trainer:
             outputs = self.module(images)
         outputs = _to_float(outputs)
         loss, terms = self.criterion(outputs, pids, labels)
-        timing = dict(getattr(self.criterion, "last_timing", {}) or {})
+        timing = dict(getattr(self.criterion, "last_timing", {}) or {}, augment_s=t_aug)
 
         # One small collective per step: agree on preemption and on a non-finite loss, average terms.
         names = sorted(terms)
@@ -407,7 +410,7 @@ class Trainer:
             batches = self._batches(self.epoch, self.step_in_epoch)
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.dist.is_main,
                        desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", unit="step", dynamic_ncols=True,
-                       file=sys.stderr)
+                       file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30.0)
             sums: dict[str, float] = {}
             n_steps, epoch_t0, data_wait_total = 0, time.perf_counter(), 0.0
             iterator = iter(batches)
