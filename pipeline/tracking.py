@@ -6,7 +6,9 @@ A tracking server is a remote dependency that a multi-day, multi-node job must n
 * Every public method returns at once (``start`` waits at most ``tracking.timeout_s`` for the run to
   exist). The MLflow calls happen on one background thread that drains a queue in order, batching
   metrics into ``log_batch`` requests. MLflow's own HTTP client would retry 7 times with a 120 s
-  timeout; here it makes one attempt bounded by ``timeout_s`` and the thread retries with backoff.
+  timeout; here it makes one attempt bounded by ``timeout_s`` (``start`` sets
+  MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 and MLFLOW_HTTP_REQUEST_TIMEOUT=timeout_s in the main rank's
+  process) and the thread retries with backoff.
 * When the store fails, it says so once, keeps the unsent calls and sends them when the store is back.
 * ``finish`` waits a bounded time. If something could not be sent by then, the whole run (params,
   every metric, artifacts, status) is written to a local fallback store,
@@ -279,9 +281,10 @@ class Tracker:
         config_text = yaml.safe_dump(_plain(unflatten(params)), sort_keys=False)
         self._state = "running"
         self.run_id = run_id
-        # One short attempt per call: the worker does the retrying, without blocking anyone.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(self.cfg.timeout_s))))
+        # One short attempt per call (these variables are read by MLflow's HTTP client at each
+        # request): the worker does the retrying, without blocking anyone.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(self.cfg.timeout_s)))
         self.dir.mkdir(parents=True, exist_ok=True)
         config_path = self.dir / "config.yaml"
         _atomic_write(config_path, config_text)

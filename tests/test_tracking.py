@@ -54,7 +54,9 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def _in_tmp(tmp_path, monkeypatch):
     """The embedded store puts artifacts in ./mlruns, as MLflow does: keep them out of the repo."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # The Tracker sets MLflow's HTTP retry/timeout variables in its process: undo that after each test.
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def tracking_warnings(caplog) -> list[str]:
