@@ -1,0 +1,164 @@
+"""Inference: turn images into re-ID features with a trained checkpoint, and export the network to ONNX.
+
+    extractor = FeatureExtractor("outputs/run/checkpoints")       # a file, a checkpoints dir or a run dir
+    feats = extractor(["a.jpg", "b.jpg"])                        # [2, D], L2-normalised
+    similarity = feats @ feats.T                                 # cosine similarity
+
+Preprocessing is the evaluation's: RGB, bilinear resize to the training image size (antialiased when
+shrinking), ImageNet normalisation. The features are the eval-mode global features (after the BN neck),
+L2-normalised, so Euclidean distance and cosine similarity rank the same way.
+
+ONNX: the exported graph takes the preprocessed batch `images` [N, 3, H, W] (float32, normalised) and
+returns `features` [N, D] (L2-normalised), with a dynamic batch axis. It uses the torch.export-based
+exporter (``dynamo=True``, the default since torch 2.9; it needs onnxscript): the older TorchScript
+exporter also works for this network and is about 4x faster, but torch 2.13 deprecates it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pipeline.data.transforms import normalize, resize
+from pipeline.model import model_from_checkpoint
+
+ImageInput = Union[str, Path, Image.Image, torch.Tensor, np.ndarray]
+DEFAULT_IMAGE_SIZE = (256, 128)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a file path, a checkpoints directory (its `latest`) or a run directory
+    (its `checkpoints/latest`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for folder in (path, path / "checkpoints"):
+        latest = folder / "latest"
+        if latest.is_file():
+            name = latest.read_text().strip()
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{latest} names {name!r}, which does not exist in {folder}; "
+                                        f"pass a ckpt-*.pt file explicitly")
+            return folder / name
+    raise FileNotFoundError(f"no checkpoint at {path}: pass a ckpt-*.pt file, a checkpoints directory "
+                            f"with a 'latest' file, or a run directory containing checkpoints/latest")
+
+
+def checkpoint_image_size(path: str | Path) -> tuple[int, int] | None:
+    """The (H, W) the checkpoint's run trained at (config.data.image_size), if it records one."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    size = ((state.get("config") or {}).get("data") or {}).get("image_size") \
+        if isinstance(state, dict) else None
+    return (int(size[0]), int(size[1])) if size else None
+
+
+class Embedder(nn.Module):
+    """The network's eval forward followed by L2 normalisation: what inference and ONNX compute."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model(images), dim=1)
+
+
+def _as_uint8_chw(item: ImageInput, where: str) -> torch.Tensor:
+    if isinstance(item, (str, Path)):
+        try:
+            with Image.open(item) as im:
+                item = im.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{where}: cannot read image {item}: {exc}") from None
+    if isinstance(item, Image.Image):
+        return torch.from_numpy(np.asarray(item.convert("RGB")).copy()).permute(2, 0, 1)
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(item)
+    if isinstance(item, torch.Tensor):
+        if item.dim() != 3 or item.shape[0] != 3:
+            raise ValueError(f"{where}: a tensor image must be [3, H, W], got {tuple(item.shape)}")
+        return item
+    raise TypeError(f"{where}: expected a path, PIL image or tensor, got {type(item).__name__}")
+
+
+class FeatureExtractor:
+    """`FeatureExtractor(checkpoint, device="cpu")(images) -> [N, D]` L2-normalised features.
+
+    checkpoint: an engine checkpoint file (or a checkpoints/run directory, see resolve_checkpoint).
+    images: one or a list of image paths, PIL images, or tensors [3, H, W]; or a batch tensor
+    [N, 3, H, W]. Tensors are uint8 in [0, 255] or float in [0, 1] (not yet normalised), any size.
+    image_size: defaults to the size the checkpoint's run trained at."""
+
+    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu",
+                 image_size: Sequence[int] | None = None, batch_size: int = 64):
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        model, self.info = model_from_checkpoint(self.checkpoint)
+        self.device = torch.device(device)
+        self.model = Embedder(model).to(self.device).eval()
+        size = image_size or checkpoint_image_size(self.checkpoint)
+        if size is None:
+            warnings.warn(f"{self.checkpoint} records no data.image_size; using {DEFAULT_IMAGE_SIZE}",
+                          stacklevel=2)
+            size = DEFAULT_IMAGE_SIZE
+        self.image_size = (int(size[0]), int(size[1]))
+        if batch_size < 1:
+            raise ValueError(f"batch_size is {batch_size}; must be >= 1")
+        self.batch_size = batch_size
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> the normalised float batch [N, 3, H, W] the network (and the ONNX graph) takes."""
+        if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+            items = list(torch.as_tensor(images).unbind(0))
+        elif isinstance(images, (str, Path, Image.Image, torch.Tensor, np.ndarray)):
+            items = [images]
+        else:
+            items = list(images)
+        if not items:
+            raise ValueError("no images given")
+        batch = []
+        for i, item in enumerate(items):
+            x = _as_uint8_chw(item, f"image {i}")
+            if x.dtype != torch.uint8 and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+                raise ValueError(f"image {i}: float tensors must hold values in [0, 1] (got "
+                                 f"{float(x.min()):.3g}..{float(x.max()):.3g}); pass uint8 for 0..255")
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+            batch.append(resize(x[None], self.image_size)[0])
+        return normalize(torch.stack(batch))
+
+    @torch.no_grad()
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        batch = self.preprocess(images)
+        out = [self.model(batch[s:s + self.batch_size].to(self.device)).float().cpu()
+               for s in range(0, batch.shape[0], self.batch_size)]
+        return torch.cat(out)
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, image_size: Sequence[int] | None = None,
+                opset: int | None = None) -> Path:
+    """Write the inference network (preprocessed images -> L2-normalised features, dynamic batch) as
+    ONNX to `out`, atomically. image_size defaults to the checkpoint's training size, opset to the
+    exporter's default. The weights are embedded, so the file stands alone (the exporter would
+    otherwise write them beside it, under the temporary name)."""
+    extractor = FeatureExtractor(checkpoint, image_size=image_size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    example = torch.zeros(2, 3, *extractor.image_size)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(extractor.model, (example,), str(tmp), input_names=["images"],
+                              output_names=["features"], opset_version=opset, dynamo=True,
+                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                              external_data=False, verbose=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
