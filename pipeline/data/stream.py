@@ -30,6 +30,7 @@ the shard; a worker that dies surfaces as a DataLoader error (with a timeout, ne
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import warnings
@@ -273,18 +274,23 @@ class _TrainSteps(IterableDataset):
                 if step >= self.start_step and (step - self.start_step) % workers == worker)
         for _, items in itertools.groupby(mine, key=lambda item: item[1]):
             items = list(items)
-            wanted: dict[int, set[int]] = {}
-            for _, _, batch in items:
-                for g in batch:
-                    wanted.setdefault(g.identity.shard, set()).update(g.positions)
-            raw = {}
-            for shard, positions in sorted(wanted.items()):
-                entry, first = self.layout[shard]
-                for pos, sample in read_samples(self.shards_dir, "train", entry, first, sorted(positions),
-                                                self.verify).items():
-                    raw[shard, pos] = sample
+            raw = self._fetch([batch for _, _, batch in items])
             for step, _, batch in items:
                 yield self._batch(step, batch, raw, augment)
+
+    def _fetch(self, batches: list[list[Group]]) -> dict:
+        """Raw samples of one window's batches: one sequential pass over each shard they touch."""
+        wanted: dict[int, set[int]] = {}
+        for batch in batches:
+            for g in batch:
+                wanted.setdefault(g.identity.shard, set()).update(g.positions)
+        raw = {}
+        for shard, positions in sorted(wanted.items()):
+            entry, first = self.layout[shard]
+            for pos, sample in read_samples(self.shards_dir, "train", entry, first, sorted(positions),
+                                            self.verify).items():
+                raw[shard, pos] = sample
+        return raw
 
     def _image(self, group: Group, pos: int, raw: dict, bad: set) -> tuple[np.ndarray, dict, int]:
         """Decode one image, falling back to other images of the identity; returns (image, meta, failures)."""
@@ -311,7 +317,7 @@ class _TrainSteps(IterableDataset):
                          f"pid {ident.pid} can be decoded; re-run launch/prepare_data.py on intact images")
 
     def _batch(self, step: int, batch: list[Group], raw: dict, augment) -> tuple[dict[str, torch.Tensor], int]:
-        images, pids, labels, camids, corrupt = [], [], [], [], 0
+        images, pids, labels, camids, indices, corrupt = [], [], [], [], [], 0
         bad: set = set()
         decoded: dict = {}
         for group in batch:
@@ -324,6 +330,7 @@ class _TrainSteps(IterableDataset):
                 pids.append(meta["pid"])
                 labels.append(self.label_map[meta["pid"]])
                 camids.append(meta["camid"])
+                indices.append(meta["index"])
         x = _to_tensor(images)
         if augment is not None:
             with torch.random.fork_rng(devices=[]):
@@ -331,18 +338,29 @@ class _TrainSteps(IterableDataset):
                 x = augment(x)
         out = {"images": x, "pids": torch.tensor(pids, dtype=torch.int64),
                "labels": torch.tensor(labels, dtype=torch.int64),
-               "camids": torch.tensor(camids, dtype=torch.int64)}
+               "camids": torch.tensor(camids, dtype=torch.int64),
+               "index": torch.tensor(indices, dtype=torch.int64)}
         return out, corrupt
 
 
-def _loader(dataset: IterableDataset, num_workers: int, timeout_s: float):
+@contextlib.contextmanager
+def _workers(dataset: IterableDataset, num_workers: int, timeout_s: float):
+    """The dataset itself (num_workers=0) or a DataLoader over it whose workers are shut down on exit.
+
+    Shutting down explicitly matters after an error: the exception's traceback references the
+    DataLoader's iterator, which would otherwise keep idle workers alive until garbage collection."""
     if num_workers == 0:
-        return iter(dataset)
+        yield iter(dataset)
+        return
     # An explicit generator: the DataLoader would otherwise draw its base seed from the global RNG,
     # changing the trainer's random state (which checkpoints restore for exact resumption).
-    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, timeout=timeout_s,
-                           prefetch_factor=2, persistent_workers=False,
-                           generator=torch.Generator().manual_seed(0)))
+    iterator = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, timeout=timeout_s,
+                               prefetch_factor=2, persistent_workers=False,
+                               generator=torch.Generator().manual_seed(0)))
+    try:
+        yield iterator
+    finally:
+        iterator._shutdown_workers()
 
 
 class TrainBatches:
@@ -356,10 +374,11 @@ class TrainBatches:
         return self.dataset.steps
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch, corrupt in _loader(self.dataset, self.num_workers, self.timeout_s):
-            self.stats["corrupt_images"] += int(corrupt)
-            self.stats["batches"] += 1
-            yield batch
+        with _workers(self.dataset, self.num_workers, self.timeout_s) as source:
+            for batch, corrupt in source:
+                self.stats["corrupt_images"] += int(corrupt)
+                self.stats["batches"] += 1
+                yield batch
 
 
 def train_batches(shards_dir: str | Path, *, p: int, k: int, rank: int, world_size: int, epoch: int,
@@ -370,7 +389,9 @@ def train_batches(shards_dir: str | Path, *, p: int, k: int, rank: int, world_si
     """Identity-balanced P×K training batches for one rank and epoch (see the module docstring).
 
     Batches: `images` [P·K, 3, H, W] (augment=True: float32 augmented and normalised with
-    `TrainAugment(image_size, **aug)`; augment=False: uint8 resized), `pids`, `labels`, `camids` (int64).
+    `TrainAugment(image_size, **aug)`; augment=False: uint8 resized), `pids`, `labels`, `camids` and
+    `index` (position of each image in the train split), all int64; the K images of an identity are
+    adjacent.
     `aug` takes TrainAugment's flip_prob, pad, erasing_prob."""
     if p < 1 or k < 1:
         raise ValueError(f"p={p}, k={k}: both must be >= 1")
@@ -484,9 +505,10 @@ class EvalBatches:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch, corrupt in _loader(self.dataset, min(self.num_workers, len(self.dataset)), self.timeout_s):
-            self.stats["corrupt_images"] += int(corrupt)
-            yield batch
+        with _workers(self.dataset, min(self.num_workers, len(self.dataset)), self.timeout_s) as source:
+            for batch, corrupt in source:
+                self.stats["corrupt_images"] += int(corrupt)
+                yield batch
 
 
 def eval_batches(shards_dir: str | Path, split: str, *, batch_size: int, image_size: tuple[int, int] | list[int],

@@ -299,11 +299,17 @@ def _occlude(cv: _Canvas, rng: np.random.Generator) -> None:
 
 def _camera_response(img: np.ndarray, cam: Camera, rng: np.random.Generator) -> np.ndarray:
     out = img @ cam.mix.T + cam.offset
-    out = np.clip(out * np.float32(rng.uniform(0.75, 1.3)), 0, 1) ** np.float32(cam.gamma)
+    out *= np.float32(rng.uniform(0.75, 1.3))
+    levels = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+    out = _gamma_table(cam.gamma)[levels]                   # the camera's response curve, as a lookup
     if cam.blur:
         out[1:-1, 1:-1] = (out[:-2, 1:-1] + out[2:, 1:-1] + out[1:-1, :-2] + out[1:-1, 2:] + 2 * out[1:-1, 1:-1]) / 6
-    out += rng.normal(0, cam.noise, out.shape).astype(np.float32)
-    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+    out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(cam.noise * 255)
+    return (np.clip(out, 0, 255) + 0.5).astype(np.uint8)
+
+
+def _gamma_table(gamma: float) -> np.ndarray:
+    return ((np.arange(256, dtype=np.float32) / 255) ** np.float32(gamma) * 255).astype(np.float32)
 
 
 def render_view(person: Person | None, cam: Camera, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
