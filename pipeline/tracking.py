@@ -349,8 +349,13 @@ class Tracker:
         if not self.active or not self.cfg.log_model:
             return
         self._require_running("log_model")
-        import mlflow.pytorch
         import torch
+
+        root_level = logging.getLogger().level
+        import mlflow.pytorch
+        # Importing mlflow.pytorch runs logging.basicConfig(level=ERROR) (its Lightning autolog
+        # module), which would silence every warning of the program, this tracker's included.
+        logging.getLogger().setLevel(root_level)
 
         target = self._stage_dir() / "model"
         mlflow.pytorch.save_model(

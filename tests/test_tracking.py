@@ -270,7 +270,9 @@ def test_model_and_system_metrics(tmp_path, monkeypatch):
     tracker.log_metrics({"loss/total": 1.0}, step=7)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    root_level = logging.getLogger().level
     tracker.log_model(model)
+    assert logging.getLogger().level == root_level    # importing mlflow.pytorch must not mute warnings
     time.sleep(1.0)
     tracker.finish("FINISHED")
     client = MlflowClient(tracking_uri=uri)

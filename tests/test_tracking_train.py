@@ -1,0 +1,99 @@
+"""MLflow tracking of a real training: launch/train.py under torchrun, 2 gloo processes, tiny shards.
+
+- with an embedded store: exactly one run, with the resolved config as params and config.yaml,
+  per-step losses / lr / throughput, final rank1 / mAP / mINP, evaluation plots and the model, FINISHED;
+- pointed at a closed port: the training finishes all the same, warns once, and the complete run is
+  in the fallback store afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(shards: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """One epoch of 4 steps (logged every 2) on 2 ranks, evaluation at the end."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "0", "--monitor-interval", "0.5", str(ROOT / "launch/train.py"),
+           "--config", str(ROOT / "configs/test.yaml"), f"data.shards={shards}", f"output_dir={out}",
+           "train.epochs=1", "checkpoint.every_steps=0", "eval.plots=true", *overrides]
+    # cwd: the embedded store keeps its artifacts in ./mlruns, as MLflow does
+    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def all_artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= all_artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def check_run(client: MlflowClient, run, out: Path) -> None:
+    """What every tracked training must leave in its run."""
+    config = run.data.params
+    assert run.info.status == "FINISHED"
+    assert config["model.backbone"] == "resnet18" and config["data.p"] == "4"
+    assert config["output_dir"] == str(out) and config["model.pretrained"] == "None"
+    assert run.data.tags["world_size"] == "2" and "torch.version" in run.data.tags
+    assert "dataset_manifest_sha256" in run.data.tags
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss/total")) == [2, 4]
+    for key in ("lr", "throughput/images_per_s", "time/data_wait_share", "loss/id", "loss/global_triplet"):
+        assert key in run.data.metrics, key
+    summary = json.loads((out / "summary.json").read_text())["final_metrics"]
+    for name in ("rank1", "rank5", "mAP", "mINP"):
+        assert run.data.metrics[f"eval/{name}"] == pytest.approx(summary[name])
+    artifacts = all_artifacts(client, run.info.run_id)
+    assert "config.yaml" in artifacts and "model/MLmodel" in artifacts
+    assert {"eval/epoch-0001/cmc.png", "eval/epoch-0001/ranked_lists.png"} <= artifacts
+
+
+@pytest.mark.timeout(240)
+def test_training_records_one_run(tiny_shards, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    train(tiny_shards, out, f"tracking.uri={uri}", "tracking.log_model=true", "tracking.run_name=tiny",
+          "tracking.timeout_s=60")
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "tiny"
+    check_run(client, run, out)
+    assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == run.info.run_id
+    assert not (out / "tracking/fallback.db").exists()
+
+
+@pytest.mark.timeout(240)
+def test_training_with_a_dead_server_finishes_and_falls_back(tiny_shards, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    proc = train(tiny_shards, out, f"tracking.uri={dead}", "tracking.log_model=true", "tracking.timeout_s=2")
+    assert proc.stderr.count("is not answering") == 1
+    assert "fallback.db" in proc.stderr
+    fallback = f"sqlite:///{(out / 'tracking/fallback.db').resolve()}"
+    client = MlflowClient(tracking_uri=fallback)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1
+    assert runs[0].data.tags["primary_tracking_uri"] == dead
+    check_run(client, runs[0], out)
