@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def node_cmd(port: int, run_id: str, shards: Path, out: Path, max_restarts: int 
 
 
 class Node:
-    """A torchrun agent in its own process group, so that the whole "machine" can be killed at once."""
+    """One "machine": a torchrun agent and the trainers it starts."""
 
     def __init__(self, cmd: list[str], log: Path):
         self.log = log
@@ -68,11 +68,21 @@ class Node:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def kill(self) -> None:
-        """SIGKILL the agent and its trainers (the process group), like a machine losing power."""
+        """SIGKILL the agent and its trainers, like a machine losing power.
+
+        torchrun starts each trainer in a session of its own, so the agent's process group is not
+        enough: the trainers are found as the agent's descendants."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            agent = psutil.Process(self.proc.pid)
+            victims = [agent, *agent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            victims = []
+        for proc in victims:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=10)
         self.proc.wait(timeout=10)
 
     def wait(self, timeout: float) -> int:
@@ -185,6 +195,8 @@ def test_killed_node_rejoins_and_resumes_from_checkpoint(two_node_run, tiny_shar
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["resumed_from"], f"did not resume from a checkpoint: {summary}"
+    resumed_step = int(re.search(r"S(\d+)", summary["resumed_from"][-1]).group(1))
+    assert resumed_step < summary["global_step"], "the kill came too late: nothing was redone"
     ref, got = losses(reference), losses(out)
     assert sorted(got) == sorted(ref)
     for step in ref:
