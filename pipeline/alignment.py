@@ -8,8 +8,8 @@ Two things make this fast enough for test time on a Market-size query x gallery 
   m + n - 1 Python steps in all (the reproductions loop over all m * n cells).
 * Grids are laid out as [m, n, pairs]: each cell is a slab over a block of pairs, each diagonal a
   strided view (no gather copies). One matrix product of stripe-major rows yields the squared stripe
-  distances of a whole block already in that layout, the element distance is applied in place, and the
-  wavefront runs in two preallocated buffers. With autograd the same recurrence builds a normal
+  distances of a whole block already in that layout, the element distance is applied in place (as a
+  sigmoid, its affine part moved behind the DP), and the wavefront runs in two preallocated buffers. With autograd the same recurrence builds a normal
   differentiable graph instead (training uses it on the few mined pairs only).
 
 Element distance: (e^d - 1) / (e^d + 1) = tanh(d / 2), computed as tanh (no overflow for large d).
@@ -111,21 +111,26 @@ def _block_local_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x [Mb, m, c], y [Nb, n, c] -> [Mb, Nb], m <= n.
 
     One matmul of the stripe-major rows, (i, a) x (j, b), gives a [m, Mb, n, Nb] block whose cell (i, j)
-    is a [Mb, Nb] slab with contiguous rows; its [m, n, Mb, Nb] view is the wavefront's grid. Without
-    autograd the matmul is augmented ([x, |x|^2, 1] . [-2y, 1, |y|^2], halved on both sides) so it
-    yields |x - y|^2 / 4 directly, and the element distance tanh(sqrt(.)) runs in place: three passes
-    over the block and no other allocation of its size."""
+    is a [Mb, Nb] slab with contiguous rows; its [m, n, Mb, Nb] view is the wavefront's grid.
+
+    Without autograd: the matmul is augmented ([x, |x|^2, 1] . [-2y, 1, |y|^2]) so it yields squared
+    distances directly, and the element distance is taken as tanh(d / 2) = 2 sigmoid(d) - 1 with the
+    affine part moved behind the DP: every right/down path has exactly m + n - 1 cells, so
+    path(2 s - 1) = 2 path(s) - (m + n - 1). That leaves three in-place passes over the block (clamp,
+    sqrt, sigmoid; torch's sigmoid is several times cheaper than its tanh on the CPU) and no other
+    allocation of its size."""
     m, n = x.shape[1], y.shape[1]
     xs = x.transpose(0, 1).reshape(-1, x.shape[2])
     ys = y.transpose(0, 1).reshape(-1, y.shape[2])
     sq_x, sq_y = xs.pow(2).sum(1, keepdim=True), ys.pow(2).sum(1, keepdim=True)
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         grid = element_distance(sq_x + sq_y.t() - 2.0 * xs @ ys.t())
-    else:
-        x_aug = torch.cat([xs, sq_x, torch.ones_like(sq_x)], 1).mul_(0.5)
-        y_aug = torch.cat([ys.mul(-2.0), torch.ones_like(sq_y), sq_y], 1).mul_(0.5)
-        grid = (x_aug @ y_aug.t()).clamp_(min=0.25 * EPS).sqrt_().tanh_()
-    return _grid_shortest_path(grid.view(m, x.shape[0], n, y.shape[0]).transpose(1, 2))
+        return _grid_shortest_path(grid.view(m, x.shape[0], n, y.shape[0]).transpose(1, 2))
+    x_aug = torch.cat([xs, sq_x, torch.ones_like(sq_x)], 1)
+    y_aug = torch.cat([ys.mul(-2.0), torch.ones_like(sq_y), sq_y], 1)
+    half_plus = (x_aug @ y_aug.t()).clamp_(min=EPS).sqrt_().sigmoid_()   # (1 + tanh(d / 2)) / 2
+    path = _grid_shortest_path(half_plus.view(m, x.shape[0], n, y.shape[0]).transpose(1, 2))
+    return path.mul_(2.0).sub_(m + n - 1)
 
 
 def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None,
