@@ -27,8 +27,9 @@ Usage (see docs/interfaces.md)::
     tracker.log_model(model)
     tracker.finish("FINISHED")
 
-``start`` may return None when the store is unreachable; the run is then created later in the
-background, and ``tracker.run_id`` holds its id from then on (store that one in checkpoints).
+When the store does not answer within ``timeout_s``, ``start`` returns the resumed run id, or None
+for a new run, which is then created in the background: ``tracker.run_id`` always holds the best-known
+id, so that is the one to save in checkpoints.
 """
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from mlflow import MlflowClient
@@ -258,9 +260,8 @@ class Tracker:
         self._last_step = 0
         self._record_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._jsonl = None
+        self._jsonl: TextIO | None = None
         self._client: MlflowClient | None = None
-        self._worker: threading.Thread | None = None
         self._sampler: _SystemSampler | None = None
 
     # ---------------------------------------------------------------------------------------------
@@ -299,8 +300,7 @@ class Tracker:
             self._enqueue(_Op("params", dict(items[i:i + MAX_PARAMS_TAGS_PER_BATCH])))
         self._queue_artifact(config_path, None)
 
-        self._worker = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
-        self._worker.start()
+        threading.Thread(target=self._work, name="mlflow-tracker", daemon=True).start()
         if self.cfg.system_metrics:
             interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10.0)
             self._sampler = _SystemSampler(self, interval)
@@ -409,11 +409,12 @@ class Tracker:
             self._enqueue(_Op("metrics", entries[i:i + MAX_METRICS_PER_BATCH]))
 
     def _stage_dir(self) -> Path:
+        """A new, empty directory for one artifact (unique also across resumed sessions)."""
         with self._record_lock:
             self._seq += 1
-            path = self.dir / "staging" / f"{self._seq:05d}"
-        path.mkdir(parents=True)
-        return path
+            seq = self._seq
+        (self.dir / "staging").mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{seq:05d}-", dir=self.dir / "staging"))
 
     def _queue_artifact(self, path: Path, artifact_path: str | None) -> None:
         self._artifacts.append((path, artifact_path))

@@ -345,7 +345,9 @@ def test_closed_port_never_blocks_and_falls_back(tmp_path, caplog):
                     output_dir=tmp_path / "out")
     assert again.start(cfg.flat(), {}, run_id="abc123") == "abc123"
     again.log_metrics({"loss/total": 0.01}, step=40)
+    again.log_artifact(plot, artifact_path="plots-resumed")
     again.finish("FINISHED")
     _, runs = runs_of(tracker.fallback_uri, "dead")
     assert [r.info.run_id for r in runs] == [run.info.run_id]
     assert steps(client, run.info.run_id, "loss/total") == list(range(41))
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots-resumed")] == ["plots-resumed/cmc.png"]
