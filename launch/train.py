@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine import train
 
     summary = train(cfg)
-    if summary.get("final_metrics"):
+    if summary and summary.get("final_metrics"):
         m = summary["final_metrics"]
         print(f"final: rank-1 {m.get('rank1', float('nan')):.2%}  mAP {m.get('mAP', float('nan')):.2%}  "
               f"mINP {m.get('mINP', float('nan')):.2%}", file=sys.stderr)

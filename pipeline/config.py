@@ -114,6 +114,7 @@ class CheckpointConfig:
 class EvalConfig:
     every_epochs: int = 10                   # 0 disables evaluation during training
     at_start: bool = False                   # also evaluate the initial model (a baseline to beat)
+    final: bool = True                       # evaluate after the last epoch
     distance: str = "global"                 # global | local | global+local
     rerank: bool = False
     batch_size: int = 128

@@ -146,15 +146,16 @@ def test_killed_worker_restarts_from_checkpoint(reference_run, tiny_shards, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_deepspeed_zero2_trains_saves_and_resumes(tiny_shards, tmp_path):
     out = tmp_path / "ds"
     common = ["engine.backend=deepspeed", "engine.deepspeed.zero_optimization.stage=2",
               "checkpoint.every_steps=1000", "train.lr=1e-3"]
-    run_ok(torchrun_cmd(2, _overrides(tiny_shards, out, "train.epochs=2", *common)))
+    # The first DeepSpeed start on a machine JIT-builds a small C++ op: allow for it.
+    run_ok(torchrun_cmd(2, _overrides(tiny_shards, out, "train.epochs=2", *common)), timeout=600)
     first = json.loads((out / "summary.json").read_text())
     assert first["engine"] == "deepspeed" and first["world_size"] == 2
-    ds_dirs = sorted(p.name for p in (out / "checkpoints" / "ds").iterdir())
+    ds_dirs = sorted(p.name for p in (out / "checkpoints" / "ds").iterdir() if p.is_dir())
     assert ds_dirs and (out / "checkpoints" / "latest").read_text().removesuffix(".pt") == ds_dirs[-1]
 
     run_ok(torchrun_cmd(2, _overrides(tiny_shards, out, "train.epochs=4", *common)))
@@ -170,7 +171,8 @@ def test_deepspeed_zero2_trains_saves_and_resumes(tiny_shards, tmp_path):
 def test_non_finite_loss(tiny_shards, tmp_path, policy):
     out = tmp_path / policy
     cmd = [PY, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
-           *_overrides(tiny_shards, out, "train.lr=1e30", "train.epochs=1", f"train.nan_policy={policy}")]
+           *_overrides(tiny_shards, out, "train.lr=1e30", "train.epochs=1", f"train.nan_policy={policy}",
+                       "eval.final=false")]  # the diverged model cannot be evaluated
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     if policy == "stop":
         assert proc.returncode != 0

@@ -464,7 +464,7 @@ class Trainer:
             epoch_metrics["epoch/data_wait_share"] = data_wait_total / max(elapsed, 1e-9)
             last_epoch = self.epoch + 1 == cfg.train.epochs
             ev = cfg.eval.every_epochs
-            if last_epoch or (ev and (self.epoch + 1) % ev == 0):
+            if (last_epoch and cfg.eval.final) or (ev and (self.epoch + 1) % ev == 0):
                 epoch_metrics.update(self.evaluate())
             self.tracker.log_metrics(epoch_metrics, step=self.global_step)
             self._log(f"epoch {self.epoch + 1}/{cfg.train.epochs}: {n_steps} steps in {elapsed:.1f}s, "
@@ -531,10 +531,13 @@ def _fmt(terms: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in terms.items())
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Initialise the process group from torchrun's environment (or run single-process) and train."""
+def train(cfg: Config) -> dict[str, Any] | None:
+    """Initialise the process group from torchrun's environment (or run single-process) and train.
+
+    Returns the run summary on rank 0 (None on the other ranks)."""
     info = D.init_distributed(cfg.engine.dist_backend, cfg.engine.timeout_s)
     try:
-        return Trainer(cfg, info).run()
+        summary = Trainer(cfg, info).run()
+        return summary if info.is_main else None
     finally:
         D.cleanup()
