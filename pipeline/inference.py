@@ -4,8 +4,8 @@
     feats = extractor(["a.jpg", "b.jpg"])                        # [2, D], L2-normalised
     similarity = feats @ feats.T                                 # cosine similarity
 
-Preprocessing is the evaluation's: RGB, bilinear resize to the training image size (antialiased when
-shrinking), ImageNet normalisation. The features are the eval-mode global features (after the BN neck),
+Preprocessing is the evaluation's: RGB, bilinear resize to the training image size, ImageNet
+normalisation. The features are the eval-mode global features (after the BN neck),
 L2-normalised, so Euclidean distance and cosine similarity rank the same way.
 
 ONNX: the exported graph takes the preprocessed batch `images` [N, 3, H, W] (float32, normalised) and
@@ -15,6 +15,8 @@ exporter also works for this network and is about 4x faster, but torch 2.13 depr
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pipeline.data.stream import decode
 from pipeline.data.transforms import normalize, resize
 from pipeline.model import model_from_checkpoint
 
@@ -71,22 +74,36 @@ class Embedder(nn.Module):
         return F.normalize(self.model(images), dim=1)
 
 
-def _as_uint8_chw(item: ImageInput, where: str) -> torch.Tensor:
+def _to_chw(item: ImageInput, size: tuple[int, int], where: str) -> torch.Tensor:
+    """One image -> [3, H, W]: uint8 for files and PIL images, float in [0, 1] for tensors."""
     if isinstance(item, (str, Path)):
         try:
-            with Image.open(item) as im:
-                item = im.convert("RGB")
+            data = Path(item).read_bytes()
+            return torch.from_numpy(decode(data, size).copy()).permute(2, 0, 1)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{where}: cannot read image {item}: {exc}") from None
     if isinstance(item, Image.Image):
-        return torch.from_numpy(np.asarray(item.convert("RGB")).copy()).permute(2, 0, 1)
+        im = item.convert("RGB")
+        if im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     if isinstance(item, np.ndarray):
         item = torch.from_numpy(item)
-    if isinstance(item, torch.Tensor):
-        if item.dim() != 3 or item.shape[0] != 3:
-            raise ValueError(f"{where}: a tensor image must be [3, H, W], got {tuple(item.shape)}")
-        return item
-    raise TypeError(f"{where}: expected a path, PIL image or tensor, got {type(item).__name__}")
+    if not isinstance(item, torch.Tensor):
+        raise TypeError(f"{where}: expected a path, PIL image or tensor, got {type(item).__name__}")
+    if item.dim() != 3 or item.shape[0] != 3:
+        raise ValueError(f"{where}: a tensor image must be [3, H, W], got {tuple(item.shape)}")
+    if item.dtype == torch.uint8:
+        x = item.float().div_(255.0)
+    elif item.dtype.is_floating_point:
+        if float(item.min()) < 0.0 or float(item.max()) > 1.0:
+            raise ValueError(f"{where}: float tensors must hold values in [0, 1] (got "
+                             f"{float(item.min()):.3g}..{float(item.max()):.3g}); pass uint8 for "
+                             f"0..255")
+        x = item.float()
+    else:
+        raise ValueError(f"{where}: tensor dtype {item.dtype}; use uint8 or float in [0, 1]")
+    return resize(x[None], size)[0]
 
 
 class FeatureExtractor:
@@ -95,6 +112,9 @@ class FeatureExtractor:
     checkpoint: an engine checkpoint file (or a checkpoints/run directory, see resolve_checkpoint).
     images: one or a list of image paths, PIL images, or tensors [3, H, W]; or a batch tensor
     [N, 3, H, W]. Tensors are uint8 in [0, 255] or float in [0, 1] (not yet normalised), any size.
+    Image files go through exactly the evaluation's decoder (pipeline.data.stream.decode: PIL,
+    bilinear resize), so a file's features equal those `evaluate` computes for it from the shards;
+    PIL images get the same resize, tensors an antialiased bilinear one.
     image_size: defaults to the size the checkpoint's run trained at."""
 
     def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu",
@@ -123,15 +143,8 @@ class FeatureExtractor:
             items = list(images)
         if not items:
             raise ValueError("no images given")
-        batch = []
-        for i, item in enumerate(items):
-            x = _as_uint8_chw(item, f"image {i}")
-            if x.dtype != torch.uint8 and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-                raise ValueError(f"image {i}: float tensors must hold values in [0, 1] (got "
-                                 f"{float(x.min()):.3g}..{float(x.max()):.3g}); pass uint8 for 0..255")
-            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-            batch.append(resize(x[None], self.image_size)[0])
-        return normalize(torch.stack(batch))
+        return torch.cat([normalize(_to_chw(item, self.image_size, f"image {i}")[None])
+                          for i, item in enumerate(items)])
 
     @torch.no_grad()
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
@@ -139,6 +152,21 @@ class FeatureExtractor:
         out = [self.model(batch[s:s + self.batch_size].to(self.device)).float().cpu()
                for s in range(0, batch.shape[0], self.batch_size)]
         return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that do not concern this network (no torchvision ops in it; a
+    deprecation inside torch.export), so a real warning stays visible."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, image_size: Sequence[int] | None = None,
@@ -153,7 +181,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, image_size: Sequence[in
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     example = torch.zeros(2, 3, *extractor.image_size)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             torch.onnx.export(extractor.model, (example,), str(tmp), input_names=["images"],
                               output_names=["features"], opset_version=opset, dynamo=True,
                               dynamic_shapes={"images": {0: torch.export.Dim("batch")}},

@@ -30,7 +30,6 @@ from pipeline.data import eval_batches, load_manifest, read_images
 from pipeline.evaluation.metrics import (feature_distance, query_stats_from_features, rank_metrics,
                                          summarise)
 from pipeline.evaluation.rerank import rerank_from_features
-from pipeline.evaluation.visualize import plot_cmc, plot_ranked_lists, ranked_lists
 
 RANKED_QUERIES = 6   # queries shown in the ranked-list picture
 RANKED_TOPK = 10
@@ -123,6 +122,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _pictures(shards_dir: str | Path, result: dict, q: dict, g: dict, dist_rows: torch.Tensor,
               chosen: np.ndarray, out_dir: Path, tag: str) -> list[str]:
+    # Imported here: only the rank that draws pays for matplotlib.
+    from pipeline.evaluation.visualize import plot_cmc, plot_ranked_lists, ranked_lists
+
     cmc_path = plot_cmc(result["cmc"], out_dir / "cmc.png",
                         title=f"CMC ({tag}): R1 {100 * result['rank1']:.1f}  "
                               f"mAP {100 * result['mAP']:.1f}")

@@ -1,0 +1,99 @@
+"""Evaluate a trained checkpoint on the query/gallery shards: single process, or under torchrun (every
+rank extracts features for its share of query and gallery and scores its share of the queries).
+
+    python launch/evaluate.py --config configs/market1501.yaml \\
+        --checkpoint outputs/market1501/checkpoints [--rerank] [--distance global|local|global+local] \\
+        [--output-dir DIR] [key.sub=value ...]
+    torchrun --standalone --nproc-per-node 4 launch/evaluate.py --config ... --checkpoint ...
+
+--checkpoint takes a ckpt-*.pt file, a checkpoints directory or a run directory (their `latest`). The
+network is rebuilt from the checkpoint; the config gives the shards, image size and eval settings
+(--rerank / --distance override eval.rerank / eval.distance). Rank 0 prints a table and, as the last
+line of stdout, one JSON object: rank1, rank5, rank10, mAP, mINP (fractions), cmc, valid_queries,
+artifacts, checkpoint, distance, rerank. Pictures and metrics.json go to --output-dir (default
+<output_dir>/eval/<checkpoint name>). Progress bars go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import CHOICES, ConfigError, load_config  # noqa: E402
+
+
+def table(result: dict, checkpoint: Path, info: dict, distance: str, rerank: bool) -> str:
+    trained = ", ".join(f"{k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
+    lines = [f"checkpoint  {checkpoint}" + (f" ({trained})" if trained else ""),
+             f"distance    {distance}{', re-ranked (k1=20, k2=6, lambda=0.3)' if rerank else ''}",
+             f"queries     {result['valid_queries']} with a correct match in the gallery",
+             "", f"{'metric':<8}{'value':>8}"]
+    for key, name in (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"),
+                      ("mAP", "mAP"), ("mINP", "mINP")):
+        lines.append(f"{name:<8}{100 * result[key]:>7.2f}%")
+    lines += [""] + [f"wrote       {path}" for path in result["artifacts"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="ckpt-*.pt file, checkpoints directory or run directory")
+    parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                        help="k-reciprocal re-ranking (default: eval.rerank)")
+    parser.add_argument("--distance", choices=CHOICES["eval.distance"],
+                        help="global, local (aligned stripes) or their sum (default: eval.distance)")
+    parser.add_argument("--output-dir", help="where pictures and metrics.json go")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    from pipeline import distributed as D
+    from pipeline.evaluation import evaluate
+    from pipeline.inference import checkpoint_image_size, resolve_checkpoint
+    from pipeline.model import model_from_checkpoint
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        model, info = model_from_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    image_size = tuple(cfg.data.image_size)
+    trained_size = checkpoint_image_size(checkpoint)
+    if trained_size is not None and trained_size != image_size:
+        print(f"warning: {checkpoint} was trained at {list(trained_size)} but data.image_size is "
+              f"{list(image_size)}; evaluating at {list(image_size)}", file=sys.stderr)
+    dist = D.init_distributed(cfg.engine.dist_backend, cfg.engine.timeout_s)
+    distance = args.distance or cfg.eval.distance
+    rerank = cfg.eval.rerank if args.rerank is None else args.rerank
+    output_dir = Path(args.output_dir) if args.output_dir else \
+        Path(cfg.output_dir) / "eval" / checkpoint.name.removesuffix(".pt")
+    try:
+        result = evaluate(model.to(dist.device), cfg.data.shards, image_size=image_size,
+                          device=dist.device, distance=distance, rerank=rerank,
+                          batch_size=cfg.eval.batch_size, max_rank=cfg.eval.max_rank,
+                          output_dir=output_dir if dist.is_main else None, plots=cfg.eval.plots,
+                          num_workers=cfg.data.num_workers)
+    finally:
+        D.cleanup()
+    if dist.is_main:
+        print(table(result, checkpoint, info, distance, rerank))
+        summary = {**{k: v for k, v in result.items() if k != "cmc"},
+                   "cmc": [round(float(x), 6) for x in result["cmc"]],
+                   "checkpoint": str(checkpoint), "distance": distance, "rerank": rerank}
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
