@@ -1,7 +1,8 @@
 """launch/slurm/*.sbatch on a real two-node SLURM cluster (Debian's slurm-wlm, started on localhost).
 
 - the cluster runs a step on each of its two nodes, with the project's Python;
-- train.sbatch --nodes 2 trains the tiny config to the end with world size 2, tracked in MLflow;
+- train.sbatch --nodes 2 trains the tiny config to the end with world size 2, tracked in MLflow, and
+  evaluate.sbatch scores its checkpoint as the training's final evaluation did;
 - USR1 to the job's steps (what `--signal=USR1@90` sends before the time limit) reaches the
   trainers through torchrun; they checkpoint, the script requeues the job, and the requeued job
   resumes from the checkpoint and finishes (SLURM restart count 1, the same MLflow run);
@@ -29,6 +30,7 @@ from cluster import ClusterError, LocalSlurmCluster, which  # noqa: E402
 
 PY = sys.executable
 TRAIN = "launch/slurm/train.sbatch"
+EXPERIMENT = "slurm-test"
 
 
 def free_port() -> int:
@@ -65,12 +67,23 @@ def log_tail(log: Path, n: int = 6000) -> str:
     return log.read_text(errors="replace")[-n:] if log.is_file() else f"(no {log})"
 
 
-def finished_runs(uri: str) -> list:
+def tracking_store(tmp: Path) -> tuple[str, list[str]]:
+    """A fresh MLflow sqlite store whose experiment keeps artifacts under `tmp` (MLflow's default is
+    ./mlruns of the job's working directory, the checkout); returns its URI and the overrides to use it.
+    The bound on the tracker's calls is raised: creating the store's tables takes seconds on a busy
+    CI machine."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    MlflowClient(tracking_uri=uri).create_experiment(EXPERIMENT, artifact_location=str(tmp / "artifacts"))
+    return uri, [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", "tracking.timeout_s=30"]
+
+
+def tracked_runs(uri: str) -> list:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments)
+    return client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
 
 
 @pytest.mark.timeout(30)
@@ -99,29 +112,40 @@ def test_cluster_runs_a_step_on_each_node(cluster, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(270)
 def test_train_sbatch_two_nodes_tracked(cluster, tiny_shards, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri, tracking = tracking_store(tmp_path)
     job, out, log = submit_train(cluster, tmp_path, f"data.shards={tiny_shards}", "train.epochs=1",
-                                 f"tracking.uri={uri}")
+                                 "train.steps_per_epoch=3", *tracking)
     info = cluster.wait(job, timeout=150)
     assert info["JobState"] == "COMPLETED", log_tail(log)
     assert info["Restarts"] == "0" and info["NumNodes"] == "2"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_completed"] == 1, summary
     assert "rendezvous 127.0.0.1:" in log.read_text()  # the head node's NodeAddr, from scontrol
-    runs = finished_runs(uri)
+    runs = tracked_runs(uri)
     assert [r.info.status for r in runs] == ["FINISHED"], runs
     assert runs[0].info.run_id == summary["mlflow_run_id"]
+
+    # evaluate.sbatch on the trained checkpoint reproduces the training's final evaluation.
+    eval_log = tmp_path / "eval.log"
+    job = cluster.sbatch([f"--output={eval_log}", "launch/slurm/evaluate.sbatch", "--config",
+                          "configs/test.yaml", "--checkpoint", str(out), f"data.shards={tiny_shards}",
+                          f"output_dir={out}"], cwd=ROOT, env=job_env())
+    info = cluster.wait(job, timeout=90)
+    assert info["JobState"] == "COMPLETED", log_tail(eval_log)
+    result = [json.loads(line) for line in eval_log.read_text().splitlines() if line.startswith('{"')][-1]
+    for key in ("rank1", "mAP", "mINP"):
+        assert result[key] == pytest.approx(summary["final_metrics"][key], abs=1e-6), key
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_usr1_checkpoints_requeues_and_resumes(cluster, tiny_shards, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    job, out, log = submit_train(cluster, tmp_path, f"data.shards={tiny_shards}", "train.epochs=3",
-                                 "checkpoint.every_steps=2", f"tracking.uri={uri}")
+    uri, tracking = tracking_store(tmp_path)
+    job, out, log = submit_train(cluster, tmp_path, f"data.shards={tiny_shards}", "train.epochs=2",
+                                 "train.steps_per_epoch=4", "checkpoint.every_steps=2", *tracking)
     # Signal mid-run: once the first step checkpoint exists, with steps still to go.
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
@@ -139,10 +163,10 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tiny_shards, tmp_path):
     assert int(info["Restarts"]) == 1, info
     assert "requeueing job" in text and "(restart 1)" in text
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["epochs_completed"] == 3
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == 2
     assert summary["resumed_from"], f"the requeued job did not resume: {summary}"
     assert not (out / "preempted.json").exists()
-    runs = finished_runs(uri)
+    runs = tracked_runs(uri)
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]], "a resumed job continues its run"
     assert runs[0].info.status == "FINISHED"
 

@@ -26,8 +26,10 @@ reid_setup() {
             REID_PYTHON=python3
         fi
     fi
-    if ! "$REID_PYTHON" -c "import torch.distributed.run" 2>/dev/null; then
-        echo "error: REID_PYTHON=$REID_PYTHON cannot import torch.distributed.run;" \
+    # find_spec, not import: importing torch here would cost seconds at every (re)start.
+    if ! "$REID_PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" \
+            2>/dev/null; then
+        echo "error: REID_PYTHON=$REID_PYTHON has no torch;" \
              "export REID_PYTHON=/path/to/venv/bin/python (the project's environment)" >&2
         exit 2
     fi
