@@ -205,6 +205,10 @@ class Trainer:
             "dataset_format": str(self.manifest.get("source_format", "unknown")),
         }
 
+    def _run_id(self) -> str | None:
+        """The MLflow run id as rank 0 best knows it (a run created in the background lands later)."""
+        return getattr(self.tracker, "run_id", None) or self.mlflow_run_id
+
     def eval_model(self) -> torch.nn.Module:
         """The model used for evaluation and export: the first network of a mutual pair."""
         return self.model.nets[0] if isinstance(self.model, MutualPair) else self.model
@@ -277,7 +281,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "rng": rngs, "config": self.cfg.to_dict(), "num_classes": self.num_classes,
-                "mutual": self.cfg.mutual.enabled, "mlflow_run_id": self.mlflow_run_id,
+                "mutual": self.cfg.mutual.enabled, "mlflow_run_id": self._run_id(),
                 "world_size": self.dist.world_size, "engine": self.cfg.engine.backend,
                 "resumed_from": self.resumed_from, "skipped_steps": self.skipped_steps,
             }
@@ -508,7 +512,7 @@ class Trainer:
             "world_size": self.dist.world_size, "nodes": self.dist.num_nodes,
             "engine": self.cfg.engine.backend, "global_step": self.global_step,
             "epochs_completed": self.epoch, "steps_per_epoch": self.steps_per_epoch,
-            "final_metrics": self.last_metrics, "mlflow_run_id": self.mlflow_run_id,
+            "final_metrics": self.last_metrics, "mlflow_run_id": self._run_id(),
             "resumed_from": self.resumed_from, "skipped_steps": self.skipped_steps,
             "corrupt_images": self.corrupt_images,
             "checkpoint": str(self.ckpt.dir / (self.ckpt.latest_name() or "")),
