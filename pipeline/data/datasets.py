@@ -169,7 +169,7 @@ def parse_cuhk03np(root: str | Path, variant: str = "detected") -> ParsedDataset
 def parse_msmt17(root: str | Path) -> ParsedDataset:
     root = Path(root)
     lists = [name for names in MSMT_LISTS.values() for name in names]
-    _require_layout(root, sorted(set(MSMT_FOLDERS.values())) + lists, "msmt17")
+    _require_layout(root, ["train", "test"] + lists, "msmt17")
     ds = ParsedDataset("msmt17", root)
     for split, names in MSMT_LISTS.items():
         folder = MSMT_FOLDERS[split]
