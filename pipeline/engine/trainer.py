@@ -484,6 +484,11 @@ class Trainer:
         from ..evaluation import evaluate
 
         cfg = self.cfg
+        # Each rank's BatchNorm running statistics moved with its own last batches; evaluate (like the
+        # checkpoint, written by rank 0) with rank 0's so that in-training and offline numbers agree.
+        if self.dist.world_size > 1:
+            for buf in self.model.buffers():
+                torch.distributed.broadcast(buf, src=0)
         out_dir = self.out / "eval" / (tag or f"epoch-{self.epoch + 1:04d}")
         result = evaluate(self.eval_model(), cfg.data.shards, image_size=self.image_size, device=self.device,
                           distance=cfg.eval.distance, rerank=cfg.eval.rerank, batch_size=cfg.eval.batch_size,
