@@ -156,7 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = launch("numpy", args, Path(tmp) / "numpy.json", args.queries, args.gallery, args.repeat)
         ours = launch("torch", args, Path(tmp) / "torch.json", args.queries, args.gallery, args.repeat)
-        diff = float(np.abs(np.load(Path(tmp) / "numpy.json.npy") - np.load(Path(tmp) / "torch.json.npy")).max())
+        results = [np.load(Path(tmp) / f"{side}.json.npy") for side in ("numpy", "torch")]
+        diff = float(np.abs(results[0] - results[1]).max())
         market = None
         if args.market:
             market = launch("torch", args, Path(tmp) / "market.json", 3368, 15913, 1)

@@ -9,8 +9,8 @@ Per rank and iteration, timed separately on the same step:
          the features (the gather's gradient all-reduce included).
 The features are detached into leaf tensors between the two, so the arithmetic is exactly that of one
 loss.backward(). A barrier before the loss keeps the ranks' forward skew out of its gathers (the skew
-shows up in the model's all-reduce instead). Figures are medians over iterations of the slowest rank. The goal: loss < 5% of the
-model's step.
+shows up in the model's all-reduce instead). Figures are medians over iterations of the slowest rank.
+The goal: loss < 5% of the model's step.
 
     python benchmarks/loss_overhead.py                      # 2 gloo ranks, ResNet-50, 256x128, 16x4 per rank
     python benchmarks/loss_overhead.py --backbone resnet18 --image-size 128 64 --iters 3   # quicker on a CPU
@@ -107,7 +107,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         t3 = _sync(device)
         if it >= args.warmup:
             rows.append({"model_s": (t1 - t0) + (t3 - t2), "loss_s": t2 - t1,
-                         "loss_fwd_s": criterion.last_timing["loss_s"], "comm_s": criterion.last_timing["comm_s"]})
+                         "comm_s": criterion.last_timing["comm_s"]})
     results.put((rank, rows, str(device), torch.get_num_threads()))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -154,11 +154,12 @@ def main() -> None:
         return statistics.median(max(rows[i][key] for rows in per_rank) for i in range(args.iters))
 
     model_s, loss_s, comm_s = slowest("model_s"), slowest("loss_s"), slowest("comm_s")
-    print(f"{args.backbone} at {args.image_size[0]}x{args.image_size[1]}, P x K = {args.p} x {args.k} per rank, "
-          f"{args.nproc} rank(s) on {device} ({threads} threads each), mutual={args.mutual}, amp={args.amp}; "
+    print(f"{args.backbone} at {args.image_size[0]}x{args.image_size[1]}, P x K = {args.p} x {args.k} "
+          f"per rank, {args.nproc} rank(s) on {device} ({threads} threads each), mutual={args.mutual}, amp={args.amp}; "
           f"median of {args.iters} iterations after {args.warmup} warm-up")
     print(f"  model forward + backward (baseline):     {model_s * 1e3:10.1f} ms")
-    print(f"  loss forward + backward (ours):          {loss_s * 1e3:10.1f} ms   (gathers: {comm_s * 1e3:.1f} ms)")
+    print(f"  loss forward + backward (ours):          {loss_s * 1e3:10.1f} ms   "
+          f"(gathers: {comm_s * 1e3:.1f} ms)")
     print(f"  overhead: loss / model = {100 * loss_s / model_s:.2f}%  (goal < 5%); "
           f"share of the whole step = {100 * loss_s / (model_s + loss_s):.2f}%")
 

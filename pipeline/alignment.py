@@ -9,8 +9,9 @@ Two things make this fast enough for test time on a Market-size query x gallery 
 * Grids are laid out as [m, n, pairs]: each cell is a slab over a block of pairs, each diagonal a
   strided view (no gather copies). One matrix product of stripe-major rows yields the squared stripe
   distances of a whole block already in that layout, the element distance is applied in place (as a
-  sigmoid, its affine part moved behind the DP), and the wavefront runs in two preallocated buffers. With autograd the same recurrence builds a normal
-  differentiable graph instead (training uses it on the few mined pairs only).
+  sigmoid, its affine part moved behind the DP), and the wavefront runs in two preallocated buffers.
+  With autograd the same recurrence builds a normal differentiable graph instead (training uses it on
+  the few mined pairs only).
 
 Element distance: (e^d - 1) / (e^d + 1) = tanh(d / 2), computed as tanh (no overflow for large d).
 Euclidean distances take the square root of a squared distance clamped at EPS, so the gradient at

@@ -117,9 +117,8 @@ class AlignedReIDCriterion:
     def _check(self, outputs, pids: torch.Tensor, labels: torch.Tensor) -> list[dict]:
         nets = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         if len(nets) != (2 if self.mutual else 1):
-            raise ValueError(f"AlignedReIDCriterion(mutual={self.mutual}) expects "
-                             f"{'a list of 2 output dicts (MutualPair)' if self.mutual else 'one output dict'}; "
-                             f"got {len(nets)}")
+            wanted = "a list of 2 output dicts (MutualPair)" if self.mutual else "one output dict"
+            raise ValueError(f"AlignedReIDCriterion(mutual={self.mutual}) expects {wanted}; got {len(nets)}")
         count = pids.shape[0]
         for i, net in enumerate(nets):
             missing = {"global", "local", "logits"} - set(net)
@@ -146,71 +145,65 @@ class AlignedReIDCriterion:
 
     def _compute(self, nets: list[dict], pids: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        w, cfg = self.weights, self.cfg
+        w = self.weights
         # Losses in at least float32, whatever precision the model ran in.
         dtype = torch.promote_types(torch.promote_types(nets[0]["global"].dtype, nets[0]["local"].dtype),
                                     torch.float32)
         count, device = pids.shape[0], pids.device
         mine = w["global_triplet"] > 0 or w["local_triplet"] > 0
-        need_dist = mine or w["mutual_metric"] > 0
-        need_local = w["local_triplet"] > 0
         sums = {name: torch.zeros((), dtype=dtype, device=device) for name in TERMS}
         precision = torch.zeros((), dtype=dtype, device=device)
         comm_s = 0.0
 
-        if need_dist:
+        if mine or w["mutual_metric"] > 0:
             # One gather for every network's global (and local) features: [A, sum of widths].
             parts = [_as_float(net["global"], dtype) for net in nets]
-            if need_local:
+            if w["local_triplet"] > 0:
                 parts += [_as_float(net["local"], dtype).flatten(1) for net in nets]
             t0 = self._clock(device)
             gathered = all_gather_with_grad(torch.cat(parts, 1))
             all_pids = all_gather_no_grad(pids)
             comm_s = self._clock(device) - t0
-            widths = [p.shape[1] for p in parts]
-            pieces = list(torch.split(gathered, widths, dim=1))
+            pieces = torch.split(gathered, [p.shape[1] for p in parts], dim=1)
             g_all = pieces[:len(nets)]
-            l_all = [p.view(p.shape[0], *net["local"].shape[1:])
-                     for p, net in zip(pieces[len(nets):], nets)]
-            world, total = get_world_size(), gathered.shape[0]
+            l_all = [p.view(p.shape[0], *net["local"].shape[1:]) for p, net in zip(pieces[len(nets):], nets)]
             first = get_rank() * count
             own = slice(first, first + count)
             dists = [pairwise_euclidean(g[own], g) for g in g_all]           # [A, N] per network
             if mine:
                 anchor_index = torch.arange(first, first + count, device=device)
-                num_valid = int(valid_anchors(all_pids).sum())               # V: same on every rank
-                scale = world / max(num_valid, 1)
-            for i, dist in enumerate(dists):
-                if mine:
+                # V, the global batch's valid anchors: the same on every rank (see the module docstring).
+                scale = get_world_size() / valid_anchors(all_pids).sum().clamp_min(1).to(dtype)
+                for i, dist in enumerate(dists):
                     pos, neg, valid = batch_hard_mining(dist, pids, all_pids, anchor_index)
                     weight = valid.to(dtype) * scale
                     d_ap = dist.gather(1, pos[:, None]).squeeze(1)
                     d_an = dist.gather(1, neg[:, None]).squeeze(1)
-                    correct = ((d_an > d_ap) & valid).sum()
-                    precision = precision + correct.to(dtype) / max(int(valid.sum()), 1) / len(nets)
+                    correct = ((d_an > d_ap) & valid).sum().to(dtype)
+                    precision = precision + correct / valid.sum().clamp_min(1) / len(nets)
                     if w["global_triplet"] > 0:
-                        sums["global_triplet"] = sums["global_triplet"] + (triplet(d_ap, d_an, cfg.margin)
-                                                                           * weight).sum()
-                    if need_local:
+                        sums["global_triplet"] += (triplet(d_ap, d_an, self.cfg.margin) * weight).sum()
+                    if w["local_triplet"] > 0:
+                        # Aligned local distance of each own anchor to its mined positive and negative.
                         anchors = l_all[i][own]
                         local_d = paired_local_distance(torch.cat([anchors, anchors]),
                                                         l_all[i][torch.cat([pos, neg])])
-                        l_ap, l_an = local_d[:count], local_d[count:]
-                        sums["local_triplet"] = sums["local_triplet"] + (triplet(l_ap, l_an, cfg.margin)
-                                                                         * weight).sum()
-                if w["mutual_metric"] > 0:
+                        loss_i = triplet(local_d[:count], local_d[count:], self.cfg.margin)
+                        sums["local_triplet"] += (loss_i * weight).sum()
+            if w["mutual_metric"] > 0:
+                for i, dist in enumerate(dists):
                     partner = dists[1 - i].detach()
-                    sums["mutual_metric"] = sums["mutual_metric"] + (dist - partner).pow(2).sum() / (count * total)
+                    sums["mutual_metric"] += (dist - partner).pow(2).sum() / (count * gathered.shape[0])
 
         for i, net in enumerate(nets):
             logits = _as_float(net["logits"], dtype)
             if w["id"] > 0:
-                sums["id"] = sums["id"] + F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                sums["id"] += F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
             if w["mutual_prob"] > 0:
                 # KL(p_partner || p_self), partner detached, summed over classes, mean over own samples.
                 partner = F.log_softmax(_as_float(nets[1 - i]["logits"], dtype), 1).detach()
-                sums["mutual_prob"] = sums["mutual_prob"] + F.kl_div(
-                    F.log_softmax(logits, 1), partner, reduction="sum", log_target=True) / count
+                sums["mutual_prob"] += F.kl_div(F.log_softmax(logits, 1), partner, reduction="sum",
+                                                log_target=True) / count
 
         loss = sum(w[name] * sums[name] for name in TERMS if w[name] > 0)
         terms = {name: value.detach() for name, value in sums.items()}

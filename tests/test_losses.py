@@ -103,7 +103,8 @@ def test_triplet_terms_match_direct_computation(margin: float | None) -> None:
 def test_id_loss_with_label_smoothing() -> None:
     out = outputs(6, seed=3, classes=4)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
-    _, terms = AlignedReIDCriterion(only(id_weight=1.0, label_smoothing=0.2), mutual=False)(out, labels, labels)
+    crit = AlignedReIDCriterion(only(id_weight=1.0, label_smoothing=0.2), mutual=False)
+    _, terms = crit(out, labels, labels)
     logp = F.log_softmax(out["logits"].detach(), 1)
     target = torch.full_like(logp, 0.2 / 4)
     target[torch.arange(6), labels] += 0.8
@@ -159,6 +160,7 @@ def test_clear_errors() -> None:
         crit(outputs(4, seed=0), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     crit = AlignedReIDCriterion(LossConfig(), mutual=False)
     with pytest.raises(ValueError, match="lacks"):
-        crit({"global": torch.zeros(4, 3)}, torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+        crit({"global": torch.zeros(4, 3)}, torch.zeros(4, dtype=torch.long),
+             torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="has 4 rows but pids has 3"):
         crit(outputs(4, seed=0), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))

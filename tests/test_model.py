@@ -98,13 +98,15 @@ def test_train_and_eval_outputs() -> None:
     model = AlignedReID(7, backbone="resnet18", last_stride=1, width=4, local_dim=16)
     x = torch.randn(3, 3, 64, 32)
     out = model.train()(x)
-    assert out["global"].shape == (3, 32) and out["local"].shape == (3, 4, 16) and out["logits"].shape == (3, 7)
+    assert out["global"].shape == (3, 32) and out["local"].shape == (3, 4, 16)
+    assert out["logits"].shape == (3, 7)
     model.eval()
     feat, local = model(x, return_local=True)
     torch.testing.assert_close(model(x), feat)
     # Eval local features pass through the trained 1x1 conv, BN (running stats) and ReLU.
     fmap = model.backbone(x)
-    manual = torch.relu(model.local_bn(model.local_conv(fmap.mean(3, keepdim=True)))).squeeze(3).transpose(1, 2)
+    manual = torch.relu(model.local_bn(model.local_conv(fmap.mean(3, keepdim=True))))
+    manual = manual.squeeze(3).transpose(1, 2)
     torch.testing.assert_close(local, manual)
     # Eval global feature is the neck's output of the average-pooled map.
     torch.testing.assert_close(feat, model.neck(fmap.mean((2, 3))))
@@ -118,7 +120,8 @@ def test_max_stripe_pool_and_no_neck() -> None:
     fmap = model.backbone(x)
     feat, local = model(x, return_local=True)
     torch.testing.assert_close(feat, fmap.mean((2, 3)))
-    manual = torch.relu(model.local_bn(model.local_conv(fmap.amax(3, keepdim=True)))).squeeze(3).transpose(1, 2)
+    manual = torch.relu(model.local_bn(model.local_conv(fmap.amax(3, keepdim=True))))
+    manual = manual.squeeze(3).transpose(1, 2)
     torch.testing.assert_close(local, manual)
     assert model.classifier.bias is not None
 
