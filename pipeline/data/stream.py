@@ -359,6 +359,10 @@ def _workers(dataset: IterableDataset, num_workers: int, timeout_s: float):
                                generator=torch.Generator().manual_seed(0)))
     try:
         yield iterator
+    except (ConnectionError, EOFError) as exc:
+        # A worker killed while handing over a batch breaks the pipe before the DataLoader notices.
+        raise RuntimeError(f"a DataLoader worker of the data stream died ({exc!r}); its log above may "
+                           "say why (e.g. out of memory)") from exc
     finally:
         iterator._shutdown_workers()
 
