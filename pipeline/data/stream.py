@@ -242,11 +242,16 @@ def decode(data: bytes, size: tuple[int, int]) -> np.ndarray:
         im = im.convert("RGB")
         if im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(im)
+        return np.array(im)          # writable, so torch can wrap it without a warning
 
 
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    """[H, W, 3] uint8 arrays -> one [N, 3, H, W] uint8 tensor (a single copy)."""
+    h, w, _ = images[0].shape
+    out = torch.empty((len(images), 3, h, w), dtype=torch.uint8)
+    for i, image in enumerate(images):
+        out[i].copy_(torch.from_numpy(image).permute(2, 0, 1))
+    return out
 
 
 class _TrainSteps(IterableDataset):
@@ -486,8 +491,7 @@ class _EvalBatches(IterableDataset):
                     corrupt += 1
                     warnings.warn(f"corrupt image {sample.key} (source {sample.meta.get('source')}) in "
                                   f"{self.split}: using a mean-colour image in its place ({exc})", stacklevel=2)
-                    images.append(np.broadcast_to(np.array(transforms.MEAN_UINT8, np.uint8),
-                                                  (*self.image_size, 3)))
+                    images.append(np.full((*self.image_size, 3), transforms.MEAN_UINT8, np.uint8))
                 pids.append(sample.meta["pid"])
                 camids.append(sample.meta["camid"])
                 index_out.append(sample.meta["index"])

@@ -26,12 +26,21 @@ def to_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.float()
 
 
+def _normalize(x: torch.Tensor, inv_std: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(x / 255 - mean) / std for uint8 (x for floats), as one fused multiply-add into a new tensor."""
+    scale = inv_std / 255 if x.dtype == torch.uint8 else inv_std
+    return torch.addcmul(shift, x.float(), scale)
+
+
+def _constants(device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return 1 / std, -mean / std
+
+
 def normalize(batch: torch.Tensor) -> torch.Tensor:
     """uint8 or [0, 1] float batch [N, 3, H, W] -> ImageNet-normalised float32 (no augmentation)."""
-    x = to_float(batch)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return _normalize(batch, *_constants(batch.device))
 
 
 def resize(batch: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
@@ -61,24 +70,24 @@ class TrainAugment(nn.Module):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.flip_prob, self.pad, self.erasing_prob = float(flip_prob), int(pad), float(erasing_prob)
         self.erasing_scale, self.erasing_ratio = erasing_scale, erasing_ratio
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        inv_std, shift = _constants()
+        self.register_buffer("inv_std", inv_std, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
 
     def _flip_pad_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """Flip, zero-pad and crop back in one gather: output pixel (i, j) reads source pixel
-        (i + dy, j + dx) of the (possibly flipped) image, or 0 where that falls into the padding."""
+        """Flip, zero-pad and crop back in one gather from the padded batch: output pixel (i, j) of an
+        image reads padded pixel (i + oy, j + ox) of the (possibly flipped) image."""
         n, c, h, w = x.shape
-        dev = x.device
+        p, dev = self.pad, x.device
         flip = torch.rand(n, device=dev) < self.flip_prob
-        dy = torch.randint(-self.pad, self.pad + 1, (n, 1), device=dev)
-        dx = torch.randint(-self.pad, self.pad + 1, (n, 1), device=dev)
-        rows = torch.arange(h, device=dev).view(1, h) + dy
-        cols = torch.arange(w, device=dev).view(1, w) + dx
-        outside = ((rows < 0) | (rows >= h)).view(n, h, 1) | ((cols < 0) | (cols >= w)).view(n, 1, w)
-        cols = torch.where(flip.view(n, 1), w - 1 - cols, cols)
-        index = rows.clamp(0, h - 1).view(n, h, 1) * w + cols.clamp(0, w - 1).view(n, 1, w)
-        out = x.flatten(2).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
-        return out.masked_fill_(outside.unsqueeze(1), 0)
+        oy = torch.randint(0, 2 * p + 1, (n, 1), device=dev)
+        ox = torch.randint(0, 2 * p + 1, (n, 1), device=dev)
+        pw = w + 2 * p
+        rows = torch.arange(h, device=dev).view(1, h) + oy
+        cols = torch.arange(w, device=dev).view(1, w) + ox
+        cols = torch.where(flip.view(n, 1), pw - 1 - cols, cols)   # flipping the padded image
+        index = (rows.view(n, h, 1) * pw + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
+        return F.pad(x, (p, p, p, p)).flatten(2).gather(2, index).view(n, c, h, w)
 
     def _erase(self, x: torch.Tensor, attempts: int = 10) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -94,21 +103,19 @@ class TrainAugment(nn.Module):
         erase = fits.any(1) & (torch.rand(n, device=dev) < self.erasing_prob)
         y0 = (torch.rand(n, device=dev) * (h - eh + 1).clamp(min=1)).long()
         x0 = (torch.rand(n, device=dev) * (w - ew + 1).clamp(min=1)).long()
-        ys = torch.arange(h, device=dev).view(1, h, 1)
-        xs = torch.arange(w, device=dev).view(1, 1, w)
-        mask = ((ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1)) & (xs >= x0.view(n, 1, 1))
-                & (xs < (x0 + ew).view(n, 1, 1)) & erase.view(n, 1, 1))
-        return x.masked_fill_(mask.unsqueeze(1), 0.0)
+        # One slice assignment per erased image: cheaper than a full-batch mask pass.
+        params = torch.stack([erase.long(), y0, x0, eh, ew], 1).tolist()
+        for i, (selected, top, left, height, width) in enumerate(params):
+            if selected:
+                x[i, :, top:top + height, left:left + width] = 0.0
+        return x
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch if tuple(batch.shape[-2:]) == self.image_size else resize(to_float(batch), self.image_size)
         if self.flip_prob > 0 or self.pad > 0:
             x = self._flip_pad_crop(x)         # on uint8 when possible: a quarter of the memory traffic
-        x = to_float(x)
-        if x is batch:                          # never modify the caller's tensor in place
-            x = x.clone()
-        x.sub_(self.mean).div_(self.std)
+        x = _normalize(x, self.inv_std, self.shift)   # a new tensor: the caller's is never modified
         if self.erasing_prob > 0:
             x = self._erase(x)
         return x
