@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 EPS = 1e-12
-DEFAULT_CHUNK_PAIRS = 1 << 16   # (x, y) pairs per block in local_distance: ~16 MB of float32 cells at 8x8
+DEFAULT_CHUNK_PAIRS = 1 << 14   # (x, y) pairs per block in local_distance: 4 MB of float32 cells at 8x8
 
 
 def element_distance(sq_dist: torch.Tensor) -> torch.Tensor:
@@ -108,29 +108,31 @@ def _check_stripes(x: torch.Tensor, y: torch.Tensor, fn: str) -> None:
         raise ValueError(f"{fn}: need at least one stripe; got x {tuple(x.shape)}, y {tuple(y.shape)}")
 
 
-def _block_local_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x [Mb, m, c], y [Nb, n, c] -> [Mb, Nb], m <= n.
+def _block_autograd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [Ab, m, c], b [Bb, n, c] -> [Ab, Bb], differentiably. One matmul of the stripe-major rows,
+    (i, p) x (j, q), gives a [m, Ab, n, Bb] block whose [m, n, Ab, Bb] view is the wavefront's grid."""
+    m, n = a.shape[1], b.shape[1]
+    rows_a = a.transpose(0, 1).reshape(-1, a.shape[2])
+    rows_b = b.transpose(0, 1).reshape(-1, b.shape[2])
+    sq = rows_a.pow(2).sum(1, keepdim=True) + rows_b.pow(2).sum(1) - 2.0 * rows_a @ rows_b.t()
+    grid = element_distance(sq).view(m, a.shape[0], n, b.shape[0]).transpose(1, 2)
+    return _grid_shortest_path(grid)
 
-    One matmul of the stripe-major rows, (i, a) x (j, b), gives a [m, Mb, n, Nb] block whose cell (i, j)
-    is a [Mb, Nb] slab with contiguous rows; its [m, n, Mb, Nb] view is the wavefront's grid.
 
-    Without autograd: the matmul is augmented ([x, |x|^2, 1] . [-2y, 1, |y|^2]) so it yields squared
-    distances directly, and the element distance is taken as tanh(d / 2) = 2 sigmoid(d) - 1 with the
-    affine part moved behind the DP: every right/down path has exactly m + n - 1 cells, so
-    path(2 s - 1) = 2 path(s) - (m + n - 1). That leaves three in-place passes over the block (clamp,
-    sqrt, sigmoid; torch's sigmoid is several times cheaper than its tanh on the CPU) and no other
-    allocation of its size."""
-    m, n = x.shape[1], y.shape[1]
-    xs = x.transpose(0, 1).reshape(-1, x.shape[2])
-    ys = y.transpose(0, 1).reshape(-1, y.shape[2])
-    sq_x, sq_y = xs.pow(2).sum(1, keepdim=True), ys.pow(2).sum(1, keepdim=True)
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        grid = element_distance(sq_x + sq_y.t() - 2.0 * xs @ ys.t())
-        return _grid_shortest_path(grid.view(m, x.shape[0], n, y.shape[0]).transpose(1, 2))
-    x_aug = torch.cat([xs, sq_x, torch.ones_like(sq_x)], 1)
-    y_aug = torch.cat([ys.mul(-2.0), torch.ones_like(sq_y), sq_y], 1)
-    half_plus = (x_aug @ y_aug.t()).clamp_(min=EPS).sqrt_().sigmoid_()   # (1 + tanh(d / 2)) / 2
-    path = _grid_shortest_path(half_plus.view(m, x.shape[0], n, y.shape[0]).transpose(1, 2))
+def _block_inplace(rows_a: torch.Tensor, sq_a: torch.Tensor, rows_b: torch.Tensor,
+                   sq_b: torch.Tensor) -> torch.Tensor:
+    """The same without autograd, from stripe-major views: rows_a [m, Ab, c] with squared norms
+    sq_a [m, Ab], rows_b [n, Bb, c] with sq_b [n, Bb] (m <= n) -> [Ab, Bb].
+
+    |a - b|^2 = |a|^2 - 2ab + |b|^2 comes out of one addmm plus one broadcast add, and the element
+    distance is taken as tanh(d / 2) = 2 sigmoid(d) - 1 with the affine part moved behind the DP: every
+    right/down path has exactly m + n - 1 cells, so path(2 s - 1) = 2 path(s) - (m + n - 1). That leaves
+    in-place passes over the block only (torch's sigmoid is several times cheaper than its tanh on
+    the CPU) and no other allocation of its size."""
+    (m, size_a, c), (n, size_b, _) = rows_a.shape, rows_b.shape
+    sq = torch.addmm(sq_a.reshape(-1, 1), rows_a.reshape(-1, c), rows_b.reshape(-1, c).t(), alpha=-2.0)
+    half_plus = sq.add_(sq_b.reshape(1, -1)).clamp_(min=EPS).sqrt_().sigmoid_()  # (1 + tanh(d/2)) / 2
+    path = _grid_shortest_path(half_plus.view(m, size_a, n, size_b).transpose(1, 2))
     return path.mul_(2.0).sub_(m + n - 1)
 
 
@@ -138,36 +140,40 @@ def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = No
                    progress: bool = False) -> torch.Tensor:
     """Aligned local distance of every x against every y: x [M, m, c], y [N, n, c] -> [M, N].
 
-    Works in blocks of about `chunk_size` (x, y) pairs (default 65,536: ~16 MB of float32 cells per
-    block at m = n = 8), so memory beyond the [M, N] result is bounded whatever M and N are
+    Works in blocks of about `chunk_size` (x, y) pairs (default 16,384: 4 MB of float32 cells per
+    block at m = n = 8, cache-sized), so memory beyond the [M, N] result is bounded whatever M and N are
     (Market-1501's 3,368 x 15,913 included). Blocks are near-square tiles so each block's matmul reuses
     both operands. Differentiable (the result is then assembled with torch.cat)."""
     _check_stripes(x, y, "local_distance")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"local_distance: chunk_size is {chunk_size}; must be >= 1 (pairs per block)")
     y = y.to(x.dtype)
-    num_x, num_y = x.shape[0], y.shape[0]
-    pairs = chunk_size or DEFAULT_CHUNK_PAIRS
-    rows = max(1, min(num_x, math.isqrt(pairs)))
-    cols = max(1, min(num_y, pairs // rows))
-    blocks = [(i, j) for i in range(0, num_x, rows) for j in range(0, num_y, cols)]
-    differentiable = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    out = None if differentiable else x.new_empty(num_x, num_y)
-    parts: dict[int, list[torch.Tensor]] = {}
-    # Shorter side first in each block (see _wavefront_inplace); the path set is symmetric.
+    # The side with fewer stripes goes first in every block (see _wavefront_inplace); the path set is
+    # symmetric, so the swapped result is the transpose.
     swap = x.shape[1] > y.shape[1]
-    for i, j in tqdm(blocks, desc="local distance", unit="block", disable=not progress or len(blocks) < 2):
-        if swap:
-            block = _block_local_distance(y[j:j + cols], x[i:i + rows]).t()
-        else:
-            block = _block_local_distance(x[i:i + rows], y[j:j + cols])
-        if out is not None:
-            out[i:i + rows, j:j + cols] = block
-        else:
-            parts.setdefault(i, []).append(block)
-    if out is None:
-        out = torch.cat([torch.cat(row, dim=1) for row in parts.values()], dim=0) if parts else \
-            x.new_zeros(num_x, num_y)
+    a, b = (y, x) if swap else (x, y)
+    pairs = chunk_size or DEFAULT_CHUNK_PAIRS
+    step_a = max(1, min(a.shape[0], math.isqrt(pairs)))
+    step_b = max(1, min(b.shape[0], pairs // step_a))
+    tiles = [(i, j) for i in range(0, a.shape[0], step_a) for j in range(0, b.shape[0], step_b)]
+    if not tiles:  # no x or no y
+        return x.new_zeros(x.shape[0], y.shape[0])
+    progress_bar = tqdm(tiles, desc="local distance", unit="block", disable=not progress or len(tiles) < 2)
+
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        rows: dict[int, list[torch.Tensor]] = {}
+        for i, j in progress_bar:
+            rows.setdefault(i, []).append(_block_autograd(a[i:i + step_a], b[j:j + step_b]))
+        out = torch.cat([torch.cat(row, dim=1) for row in rows.values()], dim=0)
+        return out.t() if swap else out
+
+    rows_a, rows_b = a.transpose(0, 1), b.transpose(0, 1)    # stripe-major views [m, A, c], [n, B, c]
+    sq_a, sq_b = rows_a.pow(2).sum(-1), rows_b.pow(2).sum(-1)
+    out = x.new_empty(x.shape[0], y.shape[0])
+    out_ab = out.t() if swap else out
+    for i, j in progress_bar:
+        ia, jb = slice(i, i + step_a), slice(j, j + step_b)
+        out_ab[ia, jb] = _block_inplace(rows_a[:, ia], sq_a[:, ia], rows_b[:, jb], sq_b[:, jb])
     return out
 
 
