@@ -68,6 +68,18 @@ def test_matches_reference_with_junk_distractors_and_ties(dtype):
                                       torch.from_numpy(g_cams)))
 
 
+def test_good_ranking_with_ties_matches_reference():
+    """Matches near the top (a useful model): only a small window of the gallery is searched."""
+    rng = np.random.default_rng(5)
+    q_pids, g_pids, q_cams, g_cams = make_labels(rng, 150, 900)
+    dist = rng.random((150, 900)) + np.where(q_pids[:, None] == g_pids[None, :], 0.0, 0.9)
+    dist = np.round(dist, 2).astype(np.float32)             # ties, also between matches and others
+    ref = reference_metrics(dist, q_pids, g_pids, q_cams, g_cams)
+    assert ref["mINP"] > 0.2 and ref["rank1"] > 0.8         # last matches ranked early: small window
+    for chunk in (None, 1, 16):
+        assert_same(ref, rank_metrics(dist, q_pids, g_pids, q_cams, g_cams, chunk_size=chunk))
+
+
 def test_hand_computed_query():
     # Gallery by distance: same pid+cam (removed), non-match, match, junk, distractor, match.
     dist = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])

@@ -28,11 +28,11 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from pipeline.evaluation.metrics import (CHUNK_CELLS, METRICS, _check_finite, as_tensor,
-                                         check_features, feature_distance)
+from pipeline.evaluation.metrics import (CHUNK_CELLS, METRICS, DistanceTo, _check_finite, as_tensor,
+                                         check_features)
 
 # Bound on the (query, shared dimension, gallery item) contributions handled at once in step 4.
-JACCARD_BUDGET = 1 << 23
+JACCARD_BUDGET = 1 << 21
 
 
 class _Source(Protocol):
@@ -79,19 +79,17 @@ class _DenseSource:
 class _FeatureSource:
     def __init__(self, feats: torch.Tensor | None, local: torch.Tensor | None, num_query: int,
                  metric: str, distance: str):
-        self.feats, self.local, self.metric, self.distance = feats, local, metric, distance
+        self.feats, self.local = feats, local
+        self.to_all = DistanceTo(feats, metric, local, distance)
         self.num_query = num_query
         self.size = (feats if feats is not None else local).shape[0]
 
-    def _block(self, rows: torch.Tensor | slice, cols: torch.Tensor | slice) -> torch.Tensor:
-        f, lo = self.feats, self.local
-        return feature_distance(f[rows] if f is not None else None, f[cols] if f is not None else None,
-                                metric=self.metric, x_local=lo[rows] if lo is not None else None,
-                                y_local=lo[cols] if lo is not None else None,
-                                distance=self.distance).float()
+    def _block(self, rows: torch.Tensor | slice, cols: torch.Tensor | None) -> torch.Tensor:
+        return self.to_all(self.feats[rows] if self.feats is not None else None,
+                           self.local[rows] if self.local is not None else None, cols).float()
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._block(slice(start, stop), slice(None))
+        return self._block(slice(start, stop), None)
 
     def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         # One dense block against the distinct columns (a GEMM, at worst the cost of full rows)
@@ -100,8 +98,7 @@ class _FeatureSource:
         step = max(1, CHUNK_CELLS // self.size)
         for s in range(0, rows.shape[0], step):
             distinct, where = torch.unique(cols[s:s + step], return_inverse=True)
-            block = self._block(rows[s:s + step], distinct)
-            out[s:s + step] = torch.gather(block, 1, where)
+            out[s:s + step] = torch.gather(self._block(rows[s:s + step], distinct), 1, where)
         return out
 
 
