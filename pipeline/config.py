@@ -39,7 +39,6 @@ class DataConfig:
     flip_prob: float = 0.5
     pad: int = 10                            # pad then random-crop back to image_size
     erasing_prob: float = 0.5                # random erasing probability (0 disables)
-    augment_on_device: bool = True           # run kornia augmentation on the training device
 
 
 @dataclass
