@@ -4,10 +4,11 @@ run on the same synthetic data.
 1. Market-1501 size (3,368 x 15,913, 2048-d): `rank_metrics(distmat)` against the dense reference
    (argsort of the whole matrix, a boolean match matrix, then a loop over the queries, each query
    vectorised); also both sides starting from the features (`rank_metrics_from_features`, which never
-   holds the q x g matrix, against NumPy distmat + the reference).
+   holds the q x g matrix, against the same BLAS distance product + the reference).
 2. Re-ranking at 2,000 + 8,000 (2048-d): `rerank(q_g, q_q, g_g)` against the classic dense
    k-reciprocal algorithm (Zhong et al.'s code, NumPy); also `rerank_from_features`. A second, smaller
-   size (half of each) gives the scaling from which the largest size that fits in 8 GB is estimated.
+   size (half of each) gives the scaling from which the largest size that fits in 8 GB is estimated
+   (an estimate: not run at that size).
 3. MSMT17 size (11,659 x 82,161, 2048-d): `rank_metrics_from_features` within 4 GB of peak memory. The
    dense reference is not run at this size (it needs ~20 GB); its memory is extrapolated from part 1.
 
@@ -293,7 +294,7 @@ def part_rerank(work: Path, args, summary: dict) -> None:
         diff_f = float(np.abs(np.load(folder / "out-ref.npy") - np.load(folder / "out-feat.npy")).max())
         print(HEADER)
         print(row("from q_g, q_q, g_g (as the original)", ref, ours))
-        print(row("ours from features (no (Q+G)² input)", ref, feat))
+        print(row("ours from features (distances incl.)", ref, feat))
         print(f"  max |ours - reference| = {diff:.1e} (matrices), {diff_f:.1e} (features)")
         print(f"  absolute peaks: ref {fmt_mem(ref['peak_bytes'])}, ours {fmt_mem(ours['peak_bytes'])}"
               f" (both hold the q_g, q_q, g_g inputs: {fmt_mem(ours['inputs_bytes'])}), ours from "
