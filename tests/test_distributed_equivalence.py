@@ -16,11 +16,6 @@ anchors, which a per-rank normalisation would get wrong.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
-import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -32,9 +27,10 @@ from pipeline.distributed import all_reduce_sum, cleanup, init_distributed
 from pipeline.losses import AlignedReIDCriterion
 from pipeline.model import AlignedReID, MutualPair
 
+from gloo_ranks import PROCESS_TIMEOUT_S, run_ranks
+
 GLOBAL_PIDS = [0, 1, 2, 3, 0, 2, 4, 1, 2, 4, 0, 2]   # pid 3 has one image: no positive
 NUM_CLASSES = 5
-PROCESS_TIMEOUT_S = 120
 
 
 def make_model() -> MutualPair:
@@ -62,60 +58,27 @@ def loss_config(margin: float | None) -> LossConfig:
                       mutual_prob_weight=0.8, mutual_metric_weight=0.3)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, margin: float | None) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        torch.set_num_threads(1)
-        info = init_distributed("gloo", timeout_s=60)
-        assert info.world_size == world and info.rank == rank
-        model = make_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        images, pids, labels = make_batch()
-        per_rank = len(GLOBAL_PIDS) // world
-        part = slice(rank * per_rank, (rank + 1) * per_rank)
-        criterion = AlignedReIDCriterion(loss_config(margin), mutual=True)
-        loss, terms = criterion(ddp(images[part]), pids[part], labels[part])
-        loss.backward()
-        names = sorted(terms)
-        summed = all_reduce_sum(torch.stack([loss.detach()] + [terms[n] for n in names]))
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        fingerprint = torch.stack([g.sum() for g in grads.values()])
-        result = {"loss": summed[0] / world, "terms": dict(zip(names, (summed[1:] / world).unbind())),
-                  "fingerprint": fingerprint}
-        if rank == 0:
-            result["grads"] = grads
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        cleanup()
-    except BaseException:
-        (Path(out_dir) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(world: int, margin: float | None, out_dir: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out_dir), margin)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    errors = {p.name: p.read_text() for p in out_dir.glob("error*.txt")}
-    assert not hung, f"ranks {hung} still running after {PROCESS_TIMEOUT_S} s; errors: {errors}"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}; errors: {errors}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+def _worker(rank: int, world: int, out_dir: str, margin: float | None) -> None:
+    info = init_distributed("gloo", timeout_s=60)
+    assert info.world_size == world and info.rank == rank
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    images, pids, labels = make_batch()
+    per_rank = len(GLOBAL_PIDS) // world
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    criterion = AlignedReIDCriterion(loss_config(margin), mutual=True)
+    loss, terms = criterion(ddp(images[part]), pids[part], labels[part])
+    loss.backward()
+    names = sorted(terms)
+    summed = all_reduce_sum(torch.stack([loss.detach()] + [terms[n] for n in names]))
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    fingerprint = torch.stack([g.sum() for g in grads.values()])
+    result = {"loss": summed[0] / world, "terms": dict(zip(names, (summed[1:] / world).unbind())),
+              "fingerprint": fingerprint}
+    if rank == 0:
+        result["grads"] = grads
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    cleanup()
 
 
 def single_process(margin: float | None) -> dict:
@@ -131,7 +94,7 @@ def single_process(margin: float | None) -> dict:
 @pytest.mark.timeout(PROCESS_TIMEOUT_S + 60)
 @pytest.mark.parametrize("world,margin", [(2, 0.3), (3, None)])
 def test_ranks_equal_single_process(tmp_path: Path, world: int, margin: float | None) -> None:
-    ranks = run_ranks(world, margin, tmp_path)
+    ranks = run_ranks(_worker, world, tmp_path, margin)
     ref = single_process(margin)
     # Every term is active and non-trivial, so the comparison covers all of them.
     for name in ("global_triplet", "local_triplet", "id", "mutual_prob", "mutual_metric"):

@@ -7,11 +7,6 @@ rank must get the same metrics dict, with and without re-ranking.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
-import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +16,10 @@ from PIL import Image
 
 from pipeline.model import AlignedReID
 
+from gloo_ranks import PROCESS_TIMEOUT_S, run_ranks
+
 QUERIES, GALLERY = 13, 91
 IMAGE_SIZE = (64, 32)
-PROCESS_TIMEOUT_S = 120
 
 
 def make_model(path: Path | None = None) -> AlignedReID:
@@ -55,61 +51,27 @@ def model_file(tmp_path_factory) -> Path:
     return path
 
 
-def _worker(rank: int, world: int, port: int, shards: str, weights: str, out_dir: str) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        torch.set_num_threads(1)
-        from pipeline.distributed import cleanup, init_distributed
-        from pipeline.evaluation.features import evaluate, extract_features
+def _worker(rank: int, world: int, out_dir: str, shards: str, weights: str) -> None:
+    from pipeline.distributed import cleanup, init_distributed
+    from pipeline.evaluation.features import evaluate, extract_features
 
-        init_distributed("gloo", timeout_s=60)
-        model = make_model(Path(weights)).train()
-        result = {}
-        with torch.no_grad():
-            model.eval()
-            for split in ("query", "gallery"):
-                result[split] = extract_features(model, shards, split, image_size=IMAGE_SIZE,
-                                                 batch_size=6, with_local=True, progress=False)
-        model.train()
-        result["plain"] = evaluate(model, shards, image_size=IMAGE_SIZE, batch_size=8,
-                                   distance="global+local", progress=False,
-                                   output_dir=str(Path(out_dir) / "eval") if rank == 0 else None)
-        result["still_training"] = model.training
-        result["reranked"] = evaluate(model, shards, image_size=IMAGE_SIZE, batch_size=9,
-                                      rerank=True, plots=False, progress=False)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        cleanup()
-    except BaseException:
-        (Path(out_dir) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(world: int, shards: Path, weights: Path, out_dir: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(shards), str(weights), str(out_dir)))
-             for r in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    errors = {p.name: p.read_text() for p in out_dir.glob("error*.txt")}
-    assert not hung, f"ranks {hung} still running after {PROCESS_TIMEOUT_S} s; errors: {errors}"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}; {errors}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    init_distributed("gloo", timeout_s=60)
+    model = make_model(Path(weights)).train()
+    result = {}
+    with torch.no_grad():
+        model.eval()
+        for split in ("query", "gallery"):
+            result[split] = extract_features(model, shards, split, image_size=IMAGE_SIZE,
+                                             batch_size=6, with_local=True, progress=False)
+    model.train()
+    result["plain"] = evaluate(model, shards, image_size=IMAGE_SIZE, batch_size=8,
+                               distance="global+local", progress=False,
+                               output_dir=str(Path(out_dir) / "eval") if rank == 0 else None)
+    result["still_training"] = model.training
+    result["reranked"] = evaluate(model, shards, image_size=IMAGE_SIZE, batch_size=9,
+                                  rerank=True, plots=False, progress=False)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    cleanup()
 
 
 def assert_same_metrics(a: dict, b: dict) -> None:
@@ -162,7 +124,7 @@ def test_single_process_features_and_metrics(single, odd_shards):
 @pytest.mark.timeout(PROCESS_TIMEOUT_S + 60)
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_equal_single_process(world, odd_shards, model_file, single, tmp_path):
-    ranks = run_ranks(world, odd_shards, model_file, tmp_path)
+    ranks = run_ranks(_worker, world, tmp_path, str(odd_shards), str(model_file), weights_only=False)
     for r, got in enumerate(ranks):
         for split in ("query", "gallery"):
             for key in ("pids", "camids"):

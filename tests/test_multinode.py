@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from gloo_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -31,12 +32,6 @@ def tool(name: str) -> str:
     path = BIN / name
     assert path.is_file(), f"{path} missing: install the test extras (`pip install -e '.[test]'`)"
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_env() -> dict[str, str]:

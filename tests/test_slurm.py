@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,16 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "slurm"))
 
 from cluster import ClusterError, LocalSlurmCluster, which  # noqa: E402
+from gloo_ranks import free_port  # noqa: E402
 
 PY = sys.executable
 TRAIN = "launch/slurm/train.sbatch"
 EXPERIMENT = "slurm-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,14 +25,9 @@ from mlflow import MlflowClient
 
 from pipeline.config import Config, TrackingConfig
 from pipeline.tracking import Tracker, clean_key, clip_value, resolve_tracking_uri, unflatten
+from gloo_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sqlite_uri(path: Path) -> str:
