@@ -26,7 +26,9 @@ PY = sys.executable
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # Fresh worker stores per restart round (torch's shared rendezvous store can hand a restarted
+    # round the previous round's gloo addresses: "Connection refused"); see docs/multinode.md.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 

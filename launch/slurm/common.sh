@@ -46,6 +46,9 @@ reid_setup() {
     # Derived from the job id so that two jobs sharing a head node do not collide.
     RDZV_PORT="${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 2000))}"
     MAX_RESTARTS="${MAX_RESTARTS:-0}"
+    # Workers create their own store each restart round: with torch's shared rendezvous store a
+    # restarted round can read the previous round's addresses (see docs/multinode.md).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
     echo "[$(date '+%F %T')] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s)" \
          "x $NPROC_PER_NODE process(es), rendezvous $RDZV_HOST:$RDZV_PORT (head $head), python $REID_PYTHON"
 }
