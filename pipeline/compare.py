@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from pipeline.fileio import atomic_path, atomic_write
 from pipeline.tracking import resolve_tracking_uri
 
 SUMMARY_METRICS = ("rank1", "rank5", "mAP", "mINP")
@@ -150,16 +150,13 @@ def _write_csv(path: Path, columns: list[str], rows: list[list[str]]) -> Path:
     writer = csv.writer(buf)
     writer.writerow(columns)
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
     return path
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
 
 

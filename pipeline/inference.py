@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from pipeline.data.stream import decode
 from pipeline.data.transforms import normalize, resize
+from pipeline.fileio import atomic_path
 from pipeline.model import model_from_checkpoint
 
 ImageInput = Union[str, Path, Image.Image, torch.Tensor, np.ndarray]
@@ -178,15 +178,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, image_size: Sequence[in
     extractor = FeatureExtractor(checkpoint, image_size=image_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     example = torch.zeros(2, 3, *extractor.image_size)
-    try:
+    with atomic_path(out) as tmp:
         with torch.no_grad(), _quiet_exporter():
             torch.onnx.export(extractor.model, (example,), str(tmp), input_names=["images"],
                               output_names=["features"], opset_version=opset, dynamo=True,
                               dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
                               external_data=False, verbose=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

@@ -67,6 +67,7 @@ from mlflow.utils.validation import (
 )
 
 from pipeline.config import TrackingConfig
+from pipeline.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,6 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _upload(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
@@ -288,7 +283,7 @@ class Tracker:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(self.cfg.timeout_s)))
         self.dir.mkdir(parents=True, exist_ok=True)
         config_path = self.dir / "config.yaml"
-        _atomic_write(config_path, config_text)
+        atomic_write(config_path, config_text)
         self._params = {clean_key(k): clip_value(v, MAX_PARAM_VAL_LENGTH) for k, v in params.items()}
         all_tags = {**environment_tags(), **(tags or {})}
         self._tags = {clean_key(k): clip_value(v, MAX_TAG_VAL_LENGTH) for k, v in all_tags.items()}
@@ -584,7 +579,7 @@ class Tracker:
             path = self.dir / "run.json"
             state = json.loads(path.read_text()) if path.is_file() else {}
             state.update(fields)
-            _atomic_write(path, json.dumps(state, indent=2) + "\n")
+            atomic_write(path, json.dumps(state, indent=2) + "\n")
 
     def _read_metrics(self, skip: int) -> tuple[list[Metric], int]:
         """Metrics from metrics.jsonl after the first `skip` lines; also the number of lines."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..fileio import atomic_path, atomic_write
 
 from .datasets import SPLITS, ParsedDataset, Record
 
@@ -107,8 +108,7 @@ def _sha256(path: Path) -> str:
 def _write_shard(path: Path, split: str, samples: list[tuple[Record, int, int | None]],
                  bar: tqdm | None) -> dict:
     """Write one shard atomically; `samples` are (record, index, label) in order."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for record, index, label in samples:
                 try:
@@ -128,19 +128,7 @@ def _write_shard(path: Path, split: str, samples: list[tuple[Record, int, int | 
         entry = {"name": path.name, "samples": len(samples),
                  "identities": len({r.pid for r, _, _ in samples}),
                  "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
-        os.replace(tmp, path)
-        return entry
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return entry
 
 
 def write_shards(dataset: ParsedDataset, out_dir: str | Path, *,
@@ -189,7 +177,7 @@ def write_shards(dataset: ParsedDataset, out_dir: str | Path, *,
     for stale in out.iterdir():
         if SHARD_NAME.match(stale.name) and stale.name not in keep:
             stale.unlink()
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 

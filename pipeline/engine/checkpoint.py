@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import shutil
 import warnings
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..fileio import atomic_write
 
 FORMAT = "alignedreid-ckpt-v1"
 _NAME_RE = re.compile(r"^ckpt-E(\d{4,})-S(\d{6,})\.pt$")
@@ -35,19 +36,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(epoch: int, global_step: int) -> str:
     return f"ckpt-E{epoch:04d}-S{global_step:06d}.pt"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint_file(path: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -117,9 +105,9 @@ class CheckpointManager:
         path = self.dir / name
         previous = self.latest_name()
         try:
-            _atomic_write_bytes(path.with_name(name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
-            _atomic_write_bytes(path, data)
-            _atomic_write_bytes(self.dir / "latest", name.encode())
+            atomic_write(path.with_name(name + ".sha256"), hashlib.sha256(data).hexdigest(), fsync=True)
+            atomic_write(path, data, fsync=True)
+            atomic_write(self.dir / "latest", name, fsync=True)
         except OSError as exc:
             survivor = f"the previous checkpoint {self.dir / previous} is intact" if previous \
                 else "no earlier checkpoint exists"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -36,6 +35,7 @@ from .. import distributed as D
 from ..config import Config, dump_config
 from ..data import load_manifest, train_batches
 from ..data.transforms import TrainAugment
+from ..fileio import atomic_write
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model
 from ..tracking import Tracker
@@ -74,12 +74,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def deepspeed_config(cfg: Config, micro_batch: int) -> dict:
@@ -507,7 +501,7 @@ class Trainer:
                   f"{self.step_in_epoch} (global step {self.global_step})")
         self.save_checkpoint()
         if self.dist.is_main:
-            _atomic_write_text(self.out / "preempted.json", json.dumps({
+            atomic_write(self.out / "preempted.json", json.dumps({
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "checkpoint": self.ckpt.latest_name(), "exit_code": PREEMPTED_EXIT_CODE}))
         raise Preempted()
@@ -524,7 +518,7 @@ class Trainer:
         }
         if self.dist.is_main:
             (self.out / "preempted.json").unlink(missing_ok=True)
-            _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
             if self.cfg.tracking.log_model:
                 self.tracker.log_model(self.eval_model())
         return summary

@@ -16,7 +16,6 @@ it on large sets); an error on rank 0 is broadcast too, so the other ranks raise
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline import distributed as D
 from pipeline.data import eval_batches, load_manifest, read_images
+from pipeline.fileio import atomic_write
 from pipeline.evaluation.metrics import (feature_distance, query_stats_from_features, rank_metrics,
                                          summarise)
 from pipeline.evaluation.rerank import rerank_from_features
@@ -109,15 +109,6 @@ def extract_features(model: nn.Module, shards_dir: str | Path, split: str, *,
     order = torch.argsort(index)
     return {"global": gathered[order], "local": local_all[order] if local_all is not None else None,
             "pids": meta_all[order, 1], "camids": meta_all[order, 2]}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _pictures(shards_dir: str | Path, result: dict, q: dict, g: dict, dist_rows: torch.Tensor,
@@ -224,9 +215,9 @@ def evaluate(model: nn.Module, shards_dir: str | Path, *, image_size: tuple[int,
                     artifacts += _pictures(shards_dir, result, q, g, torch.as_tensor(rows), chosen,
                                            out_dir, tag)
             metrics_path = out_dir / "metrics.json"
-            _write_json(metrics_path, {**{k: v for k, v in result.items() if k != "cmc"},
-                                       "cmc": [float(x) for x in result["cmc"]],
-                                       "distance": distance, "rerank": rerank})
+            atomic_write(metrics_path, json.dumps({**{k: v for k, v in result.items() if k != "cmc"},
+                                                   "cmc": [float(x) for x in result["cmc"]],
+                                                   "distance": distance, "rerank": rerank}, indent=1) + "\n")
             artifacts.append(str(metrics_path))
         except OSError as exc:
             # A full disk must not take the metrics (or a training run) down with it.

@@ -6,7 +6,6 @@ nothing needs a display) and written atomically: a temporary name in the same fo
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,18 +15,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.fileio import atomic_path
+
 CORRECT, WRONG, QUERY = "#2ca02c", "#d62728", "#1f77b4"
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         FigureCanvasAgg(fig).print_figure(tmp, format="png", dpi=fig.dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
