@@ -34,12 +34,13 @@ from tqdm import tqdm
 from .. import distributed as D
 from ..config import Config, dump_config
 from ..data import load_manifest, train_batches
+from ..data.stream import epoch_steps
 from ..data.transforms import TrainAugment
 from ..fileio import atomic_write
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model
 from ..tracking import Tracker
-from .checkpoint import CheckpointError, CheckpointManager, checkpoint_name
+from .checkpoint import CheckpointError, CheckpointManager, checkpoint_name, load_checkpoint_file
 from .schedule import build_optimizer, build_scheduler
 
 from . import PREEMPTED_EXIT_CODE
@@ -114,7 +115,8 @@ class Trainer:
         self.manifest = load_manifest(cfg.data.shards)
         self.num_classes = int(self.manifest["num_classes"])
         self.image_size = tuple(cfg.data.image_size)
-        self.steps_per_epoch = len(self._batches(epoch=0, start_step=0))
+        self.steps_per_epoch = epoch_steps(self.manifest, cfg.data.p, cfg.data.k, dist_info.world_size,
+                                           cfg.train.steps_per_epoch)
 
         # Model: identical initialisation on every rank (seeded), then per-rank RNG for augmentation.
         torch.manual_seed(cfg.seed)
@@ -213,20 +215,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoints
     def _resume(self) -> None:
-        name = None
+        # Rank 0 picks the newest usable checkpoint (falling back past corrupt ones) so that every rank
+        # resumes from the same one; the others then read that file.
+        found = None
         if self.dist.is_main:
             try:
                 found = self.ckpt.load_latest()
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}\nRemove the directory or set checkpoint.resume=false "
                                       "to start from scratch.") from None
-            name = found[1] if found else None
-        name = D.broadcast_object(name)
+        name = D.broadcast_object(found[1] if found else None)
         if name is None:
             return
-        from .checkpoint import load_checkpoint_file
-
-        state = load_checkpoint_file(self.ckpt.dir / name)
+        state = found[0] if found else load_checkpoint_file(self.ckpt.dir / name)
         if state.get("mutual") != self.cfg.mutual.enabled or state.get("num_classes") != self.num_classes:
             raise CheckpointError(f"{self.ckpt.dir / name} was written for mutual={state.get('mutual')}, "
                                   f"num_classes={state.get('num_classes')}; this run has "
@@ -397,12 +398,18 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg = self.cfg
-        log_path = self.out / "train_log.jsonl"
         images_per_step = cfg.data.p * cfg.data.k * self.dist.world_size
         if cfg.eval.at_start and self.global_step == 0:
             initial = self.evaluate(tag="initial")
             self.tracker.log_metrics(initial, step=0)
             self._log("initial model: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in initial.items()))
+        # Line-buffered: each step's record is on disk before the next step starts (crash-safe, tailable).
+        log = open(self.out / "train_log.jsonl", "a", buffering=1) if self.dist.is_main else None
+        with log or contextlib.nullcontext():
+            self._epochs(log, images_per_step)
+
+    def _epochs(self, log, images_per_step: int) -> None:
+        cfg = self.cfg
         while self.epoch < cfg.train.epochs:
             self.module.train()
             batches = self._batches(self.epoch, self.step_in_epoch)
@@ -435,9 +442,8 @@ class Trainer:
                 for key in ("comm_s", "loss_s"):
                     if key in timing:
                         record[f"time/{key.removesuffix('_s')}_share"] = timing[key] / max(step_time, 1e-9)
-                if self.dist.is_main:
-                    with open(log_path, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
                     bar.update(1)
                     bar.set_postfix_str(f"loss {terms.get('total', float('nan')):.3f} "
                                         f"tri {terms.get('global_triplet', 0):.3f} "
@@ -454,7 +460,7 @@ class Trainer:
                 if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
                     self.save_checkpoint()
             bar.close()
-            self.corrupt_images = int(batches.stats.get("corrupt_images", 0)) if hasattr(batches, "stats") else 0
+            self.corrupt_images = int(batches.stats.get("corrupt_images", 0))
             elapsed = time.perf_counter() - epoch_t0
             means = {k: v / max(1, n_steps) for k, v in sums.items()}
             epoch_metrics = {f"epoch/loss_{k}": v for k, v in means.items()}
