@@ -49,6 +49,8 @@ class ModelConfig:
     neck: bool = True                        # BN neck on the global feature
     local_dim: int = 128
     stripe_pool: str = "avg"                 # avg | max (pooling over the width)
+    local_head: str = "pool-conv-bn-relu"    # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++)
+    local_normalize: bool = False            # L2-normalise each stripe feature (train and test)
     sync_bn: bool = False                    # SyncBatchNorm (multi-GPU)
 
 
@@ -59,6 +61,7 @@ class LossConfig:
     local_weight: float = 1.0
     id_weight: float = 1.0
     label_smoothing: float = 0.1
+    local_warmup_epochs: float = 0.0         # ramp the local loss weight linearly from 0 over these epochs
     mutual_prob_weight: float = 1.0          # used when mutual.enabled
     mutual_metric_weight: float = 1.0        # used when mutual.enabled
 
@@ -158,6 +161,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 CHOICES = {
     "model.backbone": BACKBONES,
     "model.stripe_pool": ("avg", "max"),
+    "model.local_head": ("pool-conv-bn-relu", "bn-relu-pool-conv"),
     "model.last_stride": (1, 2),
     "train.optimizer": ("adam", "sgd"),
     "train.scheduler": ("exp", "step", "cosine", "constant"),
@@ -366,6 +370,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "loss.mutual_prob_weight", "loss.mutual_metric_weight"):
         if flat[key] < 0:
             bad(key, f"is {flat[key]}; loss weights must be >= 0 (0 disables the term)")
+    if cfg.loss.local_warmup_epochs < 0:
+        bad("loss.local_warmup_epochs", f"is {cfg.loss.local_warmup_epochs}; must be >= 0")
     if cfg.model.local_dim <= 0:
         bad("model.local_dim", f"is {cfg.model.local_dim}; must be > 0")
     t = cfg.train

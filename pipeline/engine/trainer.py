@@ -334,6 +334,10 @@ class Trainer:
         with self._autocast():
             outputs = self.module(images)
         outputs = _to_float(outputs)
+        warmup = self.cfg.loss.local_warmup_epochs
+        if warmup > 0:
+            progress = (self.epoch * self.steps_per_epoch + self.step_in_epoch) / self.steps_per_epoch
+            self.criterion.local_scale = min(1.0, progress / warmup)
         loss, terms = self.criterion(outputs, pids, labels)
         timing = dict(getattr(self.criterion, "last_timing", {}) or {}, augment_s=t_aug)
 
