@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError, check_machine, load_config  # noqa: E402
+from pipeline.distributed import LaunchError, check_elastic_restarts, env_int  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        check_machine(cfg)
+        check_elastic_restarts()
+    except (ConfigError, LaunchError) as exc:
+        if env_int("LOCAL_RANK", 0) == 0:   # once per node, not once per process
+            kind = "config error" if isinstance(exc, ConfigError) else "launch error"
+            print(f"{kind}: {exc}", file=sys.stderr)
         return 2
     from pipeline.engine import train
 

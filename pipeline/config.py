@@ -401,5 +401,21 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("tracking.timeout_s", f"is {cfg.tracking.timeout_s}; must be > 0")
 
 
+def check_machine(cfg: Config, cuda_available: bool | None = None) -> None:
+    """Checks that depend on this machine, not on the file: run before any process group starts."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        if cfg.train.amp == "fp16":
+            raise ConfigError("'train.amp' is fp16, which needs a CUDA GPU (float16 training needs a "
+                              "GradScaler on the GPU); on this machine set train.amp=bf16 (CPU autocast) "
+                              "or train.amp=none")
+        if cfg.engine.dist_backend == "nccl":
+            raise ConfigError("'engine.dist_backend' is nccl, which needs CUDA GPUs; set "
+                              "engine.dist_backend=auto (gloo on CPU) or gloo")
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
