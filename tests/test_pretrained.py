@@ -310,3 +310,39 @@ def test_one_download_per_node_and_a_failure_stops_every_rank(server, hub_cache,
         assert result["error"].startswith("[rank 0 on ") and bad_url in result["error"]
         assert result["path"] == str(hub_cache / name)
         assert_loaded(result["weights"], state)
+
+
+def _train(cmd: list[str], tiny_shards: Path, tmp_path: Path, url: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_HOME=str(tmp_path / "torch_home"),
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return subprocess.run([*cmd, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
+                           f"data.shards={tiny_shards}", f"output_dir={tmp_path / 'run'}", "tracking.enabled=false",
+                           f"model.pretrained={url}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(150)
+def test_train_with_unreachable_weights_exits_2_before_training(tiny_shards, tmp_path) -> None:
+    url = closed_port_url()
+    proc = _train([sys.executable], tiny_shards, tmp_path, url)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert "pretrained weights error: model.pretrained: cannot download" in proc.stderr
+    assert_ways_out(proc.stderr, url, tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-deadbeef.pth")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "train_log.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_torchrun_reports_the_error_once_from_rank_0(tiny_shards, tmp_path) -> None:
+    url = closed_port_url()
+    proc = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "--monitor-interval", "0.5"], tiny_shards, tmp_path, url)
+    assert proc.returncode != 0
+    assert proc.stderr.count("pretrained weights error: [rank 0 on ") == 1, proc.stderr[-4000:]
+    # torchrun's summary: the root cause is rank 0's clean exit 2 (rank 1 waited, then was stopped).
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 2 ", root_cause), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
