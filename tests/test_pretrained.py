@@ -35,7 +35,8 @@ import pytest
 import torch
 
 from gloo_ranks import free_port, run_ranks
-from pipeline.model import (PretrainedWeightsError, ResNet, fetch_pretrained, fetch_pretrained_once_per_node,
+from pipeline.config import load_config
+from pipeline.model import (IMAGENET_URLS, PretrainedWeightsError, ResNet, fetch_pretrained, fetch_pretrained_once_per_node,
                             load_pretrained, pretrained_cache_path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,3 +347,17 @@ def test_torchrun_reports_the_error_once_from_rank_0(tiny_shards, tmp_path) -> N
     root_cause = proc.stderr.split("Root Cause")[-1]
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 2 ", root_cause), proc.stderr[-3000:]
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+@pytest.mark.parametrize("recipe", ["market1501", "dukemtmc", "msmt17", "cuhk03np", "deepspeed_zero2"])
+def test_dataset_recipes_start_from_their_backbones_imagenet_weights(recipe: str) -> None:
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
+    url = cfg.model.pretrained
+    found = re.fullmatch(r"https://download\.pytorch\.org/models/(resnet\d+)-([0-9a-f]{8})\.pth", url or "")
+    assert found and found.group(1) == cfg.model.backbone, f"{recipe}: model.pretrained is {url!r}"
+    assert url == IMAGENET_URLS[cfg.model.backbone]
+
+
+def test_demo_and_test_recipes_start_from_scratch() -> None:
+    for recipe in ("demo", "test"):
+        assert load_config(ROOT / "configs" / f"{recipe}.yaml").model.pretrained is None
