@@ -14,6 +14,7 @@ cache is `tmp_path/torch_home/hub/checkpoints`.
   two ways out) within a bounded time;
 - under 2 gloo ranks on one node, one download; a failure stops both ranks with the same error;
 - `launch/train.py` with an unreachable URL exits 2 with that message, before any training step;
+  under torchrun with 2 ranks, rank 0 alone prints it and its exit 2 is the root cause;
 - every dataset recipe points at torchvision's ImageNet weights of its own backbone.
 """
 from __future__ import annotations
