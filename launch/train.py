@@ -10,7 +10,9 @@ checkpoints and exits with status 75 (requeue me).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,8 +38,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind}: {exc}", file=sys.stderr)
         return 2
     from pipeline.engine import train
+    from pipeline.model import PretrainedWeightsError
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except PretrainedWeightsError as exc:  # no usable ImageNet weights: stop like a config error
+        if exc.all_ranks and os.environ.get("RANK", "0") != "0":
+            # Every rank has the same error and rank 0 reports it; exiting at once could let torchrun
+            # kill rank 0 before it has printed.
+            time.sleep(5)
+            return 2
+        print(f"pretrained weights error: {exc}", file=sys.stderr)
+        return 2
     if summary and summary.get("final_metrics"):
         m = summary["final_metrics"]
         print(f"final: rank-1 {m.get('rank1', float('nan')):.2%}  mAP {m.get('mAP', float('nan')):.2%}  "

@@ -45,7 +45,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"               # resnet18 | resnet34 | resnet50 | resnet101
     last_stride: int = 1                     # 1 (16x8 map at 256x128) or 2 (8x4)
-    pretrained: str | None = None            # path or URL of torchvision-named ImageNet weights
+    pretrained: str | None = None            # path or URL of torchvision-named ImageNet weights; null = random init
     neck: bool = True                        # BN neck on the global feature
     local_dim: int = 128
     stripe_pool: str = "avg"                 # avg | max (pooling over the width)

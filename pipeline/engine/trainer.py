@@ -40,6 +40,7 @@ from ..data.transforms import TrainAugment
 from ..fileio import atomic_write
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model
+from ..model.backbone import fetch_pretrained_once_per_node
 from ..tracking import Tracker
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_name, load_checkpoint_file
 from .schedule import build_optimizer, build_scheduler
@@ -123,6 +124,8 @@ class Trainer:
         self.steps_per_epoch = epoch_steps(self.manifest, cfg.data.p, cfg.data.k, dist_info.world_size,
                                            cfg.train.steps_per_epoch)
 
+        if cfg.model.pretrained:  # local rank 0 downloads (once per node); a failure stops every rank
+            fetch_pretrained_once_per_node(cfg.model.pretrained, dist_info.local_rank)
         # Model: identical initialisation on every rank (seeded), then per-rank RNG for augmentation.
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, self.num_classes)

@@ -109,8 +109,9 @@ class MutualPair(nn.Module):
 
 def build_model(model_cfg: ModelConfig, num_classes: int, cache_dir: str | None = None) -> AlignedReID:
     """The network `model_cfg` describes, with ImageNet weights in the trunk when `model.pretrained` is
-    set (path or URL; URLs are cached in `cache_dir`, default the torch hub cache). The load report is
-    kept as `model.pretrained_report`. SyncBatchNorm is not applied here (it needs the process group
+    set (path or URL; a URL is downloaded once into `cache_dir`, default the torch hub cache, and its
+    sha256 prefix checked, see `fetch_pretrained`). The load report is kept as
+    `model.pretrained_report`. SyncBatchNorm is not applied here (it needs the process group
     and GPUs): call `convert_sync_bn` in the multi-GPU set-up."""
     model = AlignedReID(num_classes, backbone=model_cfg.backbone, last_stride=model_cfg.last_stride,
                         neck=model_cfg.neck, local_dim=model_cfg.local_dim, stripe_pool=model_cfg.stripe_pool,
