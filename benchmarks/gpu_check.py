@@ -79,6 +79,7 @@ SMOKE_PEAK_TFLOPS = 1.0
 MARKET_QUERIES, MARKET_GALLERY, MARKET_IDS, MARKET_CAMS = 3368, 15913, 751, 6
 DISTRACTOR_SHARE = 2793 / 15913
 LOCAL_GPU_CHUNK = 1 << 20      # pairs per block for the second local_distance timing (GPU-sized blocks)
+GL_QUERIES_ON_CPU = 256        # global+local metrics computed on the CPU: queries timed (then scaled)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,7 +523,10 @@ def eval_child(args) -> int:
 
     timed("rank_metrics_global", lambda small: metrics(small, "global", n_q), computed_on=str(metrics_device))
     # Global+local on the CPU (metrics moved off the GPU) is slow: a share of the queries, scaled.
-    n_gl = n_q if metrics_device == device or args.gl_queries is None else min(n_q, args.gl_queries)
+    if args.gl_queries is not None:
+        n_gl = min(n_q, args.gl_queries)
+    else:
+        n_gl = n_q if metrics_device == device else min(n_q, GL_QUERIES_ON_CPU)
     timed("rank_metrics_global+local", lambda small: metrics(small, "global+local", n_gl), scale=n_q / n_gl,
           computed_on=str(metrics_device), queries_timed=n_gl, scaled_to_all_queries=n_gl != n_q)
     result["seconds"] = rounded(time.perf_counter() - t0, 2)
@@ -630,8 +634,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-size", type=int, nargs=2, metavar=("QUERIES", "GALLERY"), default=None,
                     help=f"evaluation size (default Market-1501: {MARKET_QUERIES} {MARKET_GALLERY}; --smoke 50 200)")
     ap.add_argument("--gl-queries", type=int, default=None,
-                    help="when the metrics run on the CPU, time global+local on this many queries and scale "
-                         "(default 256 on CUDA; all when the metrics run on the device)")
+                    help="time the global+local metrics on the first N queries and scale to all (default: "
+                         f"all when the metrics run on the evaluation device, {GL_QUERIES_ON_CPU} when "
+                         "pipeline.evaluation.metrics moves the features to the CPU)")
     ap.add_argument("--skip-deepspeed", action="store_true", help="leave out the DeepSpeed run")
     ap.add_argument("--skip-eval", action="store_true", help="leave out the evaluation timings")
     ap.add_argument("--timeout", type=float, default=None,
@@ -656,8 +661,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for key, (cuda_value, smoke_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, smoke_value if smoke else cuda_value)
-    if args.gl_queries is None and not smoke and args.part is None:
-        args.gl_queries = 256
     args.image_size = (64, 32) if smoke else (256, 128)
     if args.part is None:
         if args.warmup < 1 or args.steps < args.warmup + 2:
