@@ -491,8 +491,9 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                 step_time = timing["step_s"] + data_wait
                 lr = self.optimizer.param_groups[0]["lr"]
+                # "time": wall clock (Unix seconds) when the step ended, for rates over many steps.
                 record = {"epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
-                          "lr": lr, **{f"loss/{k}": v for k, v in terms.items()},
+                          "time": time.time(), "lr": lr, **{f"loss/{k}": v for k, v in terms.items()},
                           "throughput/images_per_s": images_per_step / max(step_time, 1e-9),
                           "time/data_wait_share": data_wait / max(step_time, 1e-9)}
                 for key in ("comm_s", "loss_s"):
@@ -507,7 +508,7 @@ class Trainer:
                                         f"{record['throughput/images_per_s']:.0f} img/s")
                 if self.global_step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                     self.tracker.log_metrics({k: v for k, v in record.items()
-                                              if k not in ("epoch", "step", "global_step")},
+                                              if k not in ("epoch", "step", "global_step", "time")},
                                              step=self.global_step)
                 if stop:
                     bar.close()
