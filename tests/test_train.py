@@ -240,3 +240,19 @@ def test_bad_config_exits_2_naming_key(tiny_shards, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "'data.k' is 1" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_deepspeed_in_one_plain_process(tiny_shards, tmp_path):
+    """DeepSpeed needs a process group; a plain `python launch/train.py` (one GPU, no torchrun) gets a
+    private one-rank group instead of DeepSpeed's 'Distributed backend is not initialized'."""
+    out = tmp_path / "ds1"
+    cmd = [PY, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
+           *_overrides(tiny_shards, out, "engine.backend=deepspeed", "train.amp=bf16", "train.epochs=1")]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["world_size"] == 1
+    assert summary["precision"]["observed_forward_dtype"] == "bfloat16"

@@ -149,6 +149,7 @@ class Trainer:
         if cfg.engine.backend == "deepspeed":
             import deepspeed
 
+            D.ensure_process_group(self.device)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler,
                 config=deepspeed_config(cfg, cfg.data.p * cfg.data.k), dist_init_required=False)
