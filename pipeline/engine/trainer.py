@@ -39,6 +39,7 @@ from ..data.transforms import TrainAugment
 from ..fileio import atomic_write
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model
+from ..serving import eval_state_dict
 from ..tracking import Tracker
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_name, load_checkpoint_file
 from .schedule import build_optimizer, build_scheduler
@@ -526,7 +527,7 @@ class Trainer:
             (self.out / "preempted.json").unlink(missing_ok=True)
             atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
             if self.cfg.tracking.log_model:
-                self.tracker.log_model(self.eval_model())
+                self.tracker.log_model(eval_state_dict(self.eval_model()), self.cfg.to_dict(), self.num_classes)
         return summary
 
 
