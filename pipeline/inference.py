@@ -137,9 +137,9 @@ def _to_chw(item: ImageInput, size: tuple[int, int], where: str) -> torch.Tensor
 
 
 class FeatureExtractor:
-    """`FeatureExtractor(source, device="cpu")(images) -> [N, D]` L2-normalised features.
+    """`FeatureExtractor(checkpoint, device="cpu")(images) -> [N, D]` L2-normalised features.
 
-    source: an engine checkpoint file (or a checkpoints/run directory, see resolve_checkpoint), an
+    checkpoint: an engine checkpoint file (or a checkpoints/run directory, see resolve_checkpoint), an
     MLflow model URI of a model logged by Tracker.log_model (`runs:/<run_id>/model`,
     `models:/NAME/VERSION`; downloaded from `tracking_uri`, default $MLFLOW_TRACKING_URI or
     sqlite:///mlflow.db), or a local copy of such a model (a directory with an MLmodel file).
@@ -150,12 +150,12 @@ class FeatureExtractor:
     PIL images get the same resize, tensors an antialiased bilinear one.
     image_size: defaults to the size the network was trained at."""
 
-    def __init__(self, source: str | Path, device: str | torch.device = "cpu",
+    def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu",
                  image_size: Sequence[int] | None = None, batch_size: int = 64, *,
                  tracking_uri: str | None = None):
-        model, info, recorded = load_network(source, tracking_uri)
+        model, info, recorded = load_network(checkpoint, tracking_uri)
         # the resolved checkpoint file or model directory; an MLflow URI as given
-        self.checkpoint = source if is_model_uri(source) else Path(info["path"])
+        self.checkpoint = checkpoint if is_model_uri(checkpoint) else Path(info["path"])
         if image_size is None and recorded is None:
             warnings.warn(f"{self.checkpoint} records no data.image_size; using {DEFAULT_IMAGE_SIZE}",
                           stacklevel=2)
