@@ -10,7 +10,7 @@ pyfunc model in the "models from code" form::
       artifacts/weights.pt    state dict of the evaluated network, fp32 tensors only (torch.save; read
                               back with torch.load(weights_only=True))
       artifacts/config.yaml   the training's resolved config (read with yaml.safe_load)
-      artifacts/info.json     format, num_classes, feature_dim, image_size
+      artifacts/info.json     format, num_classes, feature_dim, image_size, backbone
       requirements.txt  python_env.yaml  conda.yaml  input_example.json  serving_input_example.json
 
 Why not `mlflow.pytorch` with a pickled module: pickling the live module fails for a DeepSpeed engine
@@ -268,7 +268,6 @@ def save_pyfunc_model(path: str | Path, weights: dict[str, torch.Tensor], config
     checked by rebuilding the network from them before MLflow writes anything, so a model that would
     not load is an error here (naming the mismatch), not at serving time. Returns what info.json
     records: format, num_classes, feature_dim, image_size, backbone."""
-    import mlflow.models
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
@@ -339,7 +338,8 @@ class ReIDEmbeddingModel(mlflow.pyfunc.PythonModel):
 
     # The np.ndarray hint tells MLflow that the signature is given, not to be inferred from hints
     # (without a hint it warns at class creation, i.e. whenever this module is imported).
-    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray,
+                params: dict[str, Any] | None = None) -> np.ndarray:
         if self.extractor is None:
             raise RuntimeError("ReIDEmbeddingModel.predict before load_context: load the model with "
                                "mlflow.pyfunc.load_model")
