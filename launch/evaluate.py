@@ -10,8 +10,10 @@ rank extracts features for its share of query and gallery and scores its share o
 network is rebuilt from the checkpoint; the config gives the shards, image size and eval settings
 (--rerank / --distance override eval.rerank / eval.distance). Rank 0 prints a table and, as the last
 line of stdout, one JSON object: rank1, rank5, rank10, mAP, mINP (fractions), cmc, valid_queries,
-artifacts, checkpoint, distance, rerank. Pictures and metrics.json go to --output-dir (default
-<output_dir>/eval/<checkpoint name>). Progress bars go to stderr.
+artifacts, checkpoint, distance, rerank. Pictures and metrics.json go to --output-dir; by default
+they land beside the checkpoint evaluated: <run>/eval/<checkpoint name>/ for a checkpoint in
+<run>/checkpoints/, else <checkpoint folder>/eval-<checkpoint name>/ (never into the recipe's
+output_dir relative to the current directory). Progress bars go to stderr.
 """
 from __future__ import annotations
 
@@ -36,6 +38,15 @@ def table(result: dict, checkpoint: Path, info: dict, distance: str, rerank: boo
         lines.append(f"{name:<8}{100 * result[key]:>7.2f}%")
     lines += [""] + [f"wrote       {path}" for path in result["artifacts"]]
     return "\n".join(lines)
+
+
+def default_output_dir(checkpoint: Path) -> Path:
+    """Beside the checkpoint: the run's eval/ folder when it sits in <run>/checkpoints/."""
+    checkpoint = checkpoint.resolve()
+    stem = checkpoint.name.removesuffix(".pt")
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "eval" / stem
+    return checkpoint.parent / f"eval-{stem}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = D.init_distributed(cfg.engine.dist_backend, cfg.engine.timeout_s)
     distance = args.distance or cfg.eval.distance
     rerank = cfg.eval.rerank if args.rerank is None else args.rerank
-    output_dir = Path(args.output_dir) if args.output_dir else \
-        Path(cfg.output_dir) / "eval" / checkpoint.name.removesuffix(".pt")
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(checkpoint)
     try:
         result = evaluate(model.to(dist.device), cfg.data.shards, image_size=image_size,
                           device=dist.device, distance=distance, rerank=rerank,

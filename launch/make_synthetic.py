@@ -2,6 +2,7 @@
 
     python launch/make_synthetic.py --out demo_out/synthetic
     python launch/make_synthetic.py --out demo_out/synthetic --shards demo_out/shards --train-ids 150
+    python launch/make_synthetic.py --out hard/synthetic --misalign 1.0     # the hardest misalignment
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=image_size, default=(128, 64), help="HxW (default 128x64)")
     ap.add_argument("--cameras", type=int, default=6)
     ap.add_argument("--images-per-id", type=int, default=18)
+    ap.add_argument("--misalign", type=float, default=0.5,
+                    help="0 aligned crops .. 1 the hardest misalignment: vertical shift and scale, "
+                         "upper-body-only crops, occluders (default 0.5)")
     ap.add_argument("--shards", type=Path, help="also pack the dataset into shards here")
     ap.add_argument("--images-per-shard", type=int, default=1000)
     ap.add_argument("--no-progress", action="store_true")
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = make_synthetic(args.out, train_ids=args.train_ids, test_ids=args.test_ids, seed=args.seed,
                                 image_size=args.image_size, cameras=args.cameras,
-                                images_per_id=args.images_per_id, progress=not args.no_progress)
+                                images_per_id=args.images_per_id, misalign=args.misalign,
+                                progress=not args.no_progress)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

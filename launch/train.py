@@ -10,12 +10,15 @@ checkpoints and exits with status 75 (requeue me).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError, check_machine, load_config  # noqa: E402
+from pipeline.distributed import LaunchError, check_elastic_restarts, env_int  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +30,26 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        check_machine(cfg)
+        check_elastic_restarts()
+    except (ConfigError, LaunchError) as exc:
+        if env_int("LOCAL_RANK", 0) == 0:   # once per node, not once per process
+            kind = "config error" if isinstance(exc, ConfigError) else "launch error"
+            print(f"{kind}: {exc}", file=sys.stderr)
         return 2
     from pipeline.engine import train
+    from pipeline.model import PretrainedWeightsError
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except PretrainedWeightsError as exc:  # no usable ImageNet weights: stop like a config error
+        if exc.all_ranks and os.environ.get("RANK", "0") != "0":
+            # Every rank has the same error and rank 0 reports it; exiting at once could let torchrun
+            # kill rank 0 before it has printed.
+            time.sleep(5)
+            return 2
+        print(f"pretrained weights error: {exc}", file=sys.stderr)
+        return 2
     if summary and summary.get("final_metrics"):
         m = summary["final_metrics"]
         print(f"final: rank-1 {m.get('rank1', float('nan')):.2%}  mAP {m.get('mAP', float('nan')):.2%}  "

@@ -45,10 +45,12 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"               # resnet18 | resnet34 | resnet50 | resnet101
     last_stride: int = 1                     # 1 (16x8 map at 256x128) or 2 (8x4)
-    pretrained: str | None = None            # path or URL of torchvision-named ImageNet weights
+    pretrained: str | None = None            # path or URL of torchvision-named ImageNet weights; null = random init
     neck: bool = True                        # BN neck on the global feature
     local_dim: int = 128
     stripe_pool: str = "avg"                 # avg | max (pooling over the width)
+    local_head: str = "pool-conv-bn-relu"    # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++)
+    local_normalize: bool = False            # L2-normalise each stripe feature (train and test)
     sync_bn: bool = False                    # SyncBatchNorm (multi-GPU)
 
 
@@ -59,6 +61,7 @@ class LossConfig:
     local_weight: float = 1.0
     id_weight: float = 1.0
     label_smoothing: float = 0.1
+    local_warmup_epochs: float = 0.0         # ramp the local loss weight linearly from 0 over these epochs
     mutual_prob_weight: float = 1.0          # used when mutual.enabled
     mutual_metric_weight: float = 1.0        # used when mutual.enabled
 
@@ -159,6 +162,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 CHOICES = {
     "model.backbone": BACKBONES,
     "model.stripe_pool": ("avg", "max"),
+    "model.local_head": ("pool-conv-bn-relu", "bn-relu-pool-conv"),
     "model.last_stride": (1, 2),
     "train.optimizer": ("adam", "sgd"),
     "train.scheduler": ("exp", "step", "cosine", "constant"),
@@ -367,6 +371,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "loss.mutual_prob_weight", "loss.mutual_metric_weight"):
         if flat[key] < 0:
             bad(key, f"is {flat[key]}; loss weights must be >= 0 (0 disables the term)")
+    if cfg.loss.local_warmup_epochs < 0:
+        bad("loss.local_warmup_epochs", f"is {cfg.loss.local_warmup_epochs}; must be >= 0")
     if cfg.model.local_dim <= 0:
         bad("model.local_dim", f"is {cfg.model.local_dim}; must be > 0")
     t = cfg.train
@@ -401,6 +407,22 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if name is not None and not cfg.tracking.log_model:
         bad("tracking.register_as", f"is {name!r} but tracking.log_model is false: only a logged model "
             f"can be registered; set tracking.log_model=true or register_as=null")
+
+
+def check_machine(cfg: Config, cuda_available: bool | None = None) -> None:
+    """Checks that depend on this machine, not on the file: run before any process group starts."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        if cfg.train.amp == "fp16":
+            raise ConfigError("'train.amp' is fp16, which needs a CUDA GPU (float16 training needs a "
+                              "GradScaler on the GPU); on this machine set train.amp=bf16 (CPU autocast) "
+                              "or train.amp=none")
+        if cfg.engine.dist_backend == "nccl":
+            raise ConfigError("'engine.dist_backend' is nccl, which needs CUDA GPUs; set "
+                              "engine.dist_backend=auto (gloo on CPU) or gloo")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -36,6 +36,30 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+class LaunchError(RuntimeError):
+    """The way the processes were launched cannot work; the message says how to launch instead."""
+
+
+def check_elastic_restarts() -> None:
+    """Refuse, before any work, a `torchrun --max-restarts N` launch that would fail at its first restart.
+
+    With torch's default, the workers share the rendezvous' TCP store with the agent; after a fault, the
+    restarted round can be handed the previous round's addresses (pytorch#135712): the restart dies with
+    "Connection refused" in gloo/NCCL's connectFullMesh, or a replacement node waits forever. Setting
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for the agent makes every round build a fresh store. The
+    workers inherit the agent's environment, so they can tell which one it runs with."""
+    restarts = env_int("TORCHELASTIC_MAX_RESTARTS", 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise LaunchError(
+            f"torchrun --max-restarts {restarts} with torch's shared rendezvous store would fail at the first "
+            "restart (pytorch#135712: the restarted round gets the previous round's addresses, 'Connection "
+            "refused' in connectFullMesh, or a replacement node that waits forever). Start torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, e.g.\n"
+            "    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; torchrun --max-restarts "
+            f"{restarts} ... launch/train.py ...\n"
+            "(the SLURM scripts and the Docker image set it). Nothing was started.")
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Initialise from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR (torchrun), or run single-process.
 

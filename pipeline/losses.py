@@ -108,6 +108,8 @@ class AlignedReIDCriterion:
                              + "); set at least one > 0")
         self.weights = weights
         self.last_timing: dict[str, float] = {}
+        # Multiplies the local triplet weight (the trainer ramps it during loss.local_warmup_epochs).
+        self.local_scale = 1.0
 
     def _clock(self, device: torch.device) -> float:
         if self.synchronize and device.type == "cuda":
@@ -205,7 +207,8 @@ class AlignedReIDCriterion:
                 sums["mutual_prob"] += F.kl_div(F.log_softmax(logits, 1), partner, reduction="sum",
                                                 log_target=True) / count
 
-        loss = sum(w[name] * sums[name] for name in TERMS if w[name] > 0)
+        scale = {"local_triplet": self.local_scale}
+        loss = sum(w[name] * scale.get(name, 1.0) * sums[name] for name in TERMS if w[name] > 0)
         terms = {name: value.detach() for name, value in sums.items()}
         terms["precision"] = precision.detach()
         terms["total"] = loss.detach()

@@ -312,21 +312,51 @@ def _gamma_table(gamma: float) -> np.ndarray:
     return ((np.arange(256, dtype=np.float32) / 255) ** np.float32(gamma) * 255).astype(np.float32)
 
 
-def render_view(person: Person | None, cam: Camera, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """One detector crop (uint8 [H, W, 3]) of `person` (None: background only, a junk crop)."""
+# The misalignment knob: detector crops from aligned (0) to badly misaligned (1). Each nuisance is
+# interpolated through these (misalign 0, 0.5, 1) anchors; 0.5 is the generator's historical default, so
+# the embedded demo set is unchanged. At 1: persons 60-100 % of the crop height, their top anywhere from
+# 8 % above to 30 % below the crop's top edge (feet cut off), 30 % of crops covering the upper body only,
+# 45 % occluded, and horizontal jitter of 8 % of the width.
+MISALIGN_ANCHORS = (0.0, 0.5, 1.0)
+MISALIGN_TABLE = {
+    "scale_lo": (0.92, 0.78, 0.60),      # person height / crop height: uniform(scale_lo, scale_hi)
+    "scale_hi": (0.92, 1.00, 1.00),
+    "top_lo": (0.04, -0.03, -0.08),      # top of the head / crop height: uniform(top_lo, top_hi)
+    "top_hi": (0.04, 0.10, 0.30),
+    "truncated": (0.0, 0.12, 0.30),      # probability that the crop shows the upper body only
+    "occluded": (0.0, 0.25, 0.45),       # probability of an occluder in front of the person
+    "jitter": (0.0, 0.05, 0.08),         # horizontal position: normal(0.5, jitter) of the width
+}
+DEFAULT_MISALIGN = 0.5
+
+
+def misalignment(level: float) -> dict[str, float]:
+    """The nuisance parameters at misalignment `level` in [0, 1] (see MISALIGN_TABLE)."""
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"misalign is {level}; must be in [0, 1] (0 aligned crops, 1 the hardest)")
+    return {k: float(np.interp(level, MISALIGN_ANCHORS, v)) for k, v in MISALIGN_TABLE.items()}
+
+
+def render_view(person: Person | None, cam: Camera, size: tuple[int, int], rng: np.random.Generator,
+                misalign: float | dict[str, float] = DEFAULT_MISALIGN) -> np.ndarray:
+    """One detector crop (uint8 [H, W, 3]) of `person` (None: background only, a junk crop).
+
+    `misalign` is a level in [0, 1] or the parameters `misalignment(level)` returns. The same random
+    numbers are drawn at every level, so views differ between levels only in their misalignment."""
+    m = misalignment(misalign) if not isinstance(misalign, dict) else misalign
     h, w = size
     cv = _Canvas(h, w)
     _background(cv, cam, rng)
     if person is not None:
-        ph = h * rng.uniform(0.78, 1.0)
-        top = h * rng.uniform(-0.03, 0.1)
-        if rng.random() < 0.12:   # lower body missing: the crop covers the upper half only
+        ph = h * rng.uniform(m["scale_lo"], m["scale_hi"])
+        top = h * rng.uniform(m["top_lo"], m["top_hi"])
+        if rng.random() < m["truncated"]:   # lower body missing: the crop covers the upper half only
             ph *= rng.uniform(1.5, 1.9)
             top = h * rng.uniform(-0.02, 0.05)
         view = int(rng.choice(4, p=[0.35, 0.35, 0.15, 0.15]))
-        _draw_person(cv, person, w * (0.5 + rng.normal(0, 0.05)), top, ph, view,
+        _draw_person(cv, person, w * (0.5 + rng.normal(0, 1) * m["jitter"]), top, ph, view,
                      swing=rng.normal(0, 0.04), stride=rng.normal(0, 0.05))
-        if rng.random() < 0.25:
+        if rng.random() < m["occluded"]:
             _occlude(cv, rng)
     return _camera_response(cv.img, cam, rng)
 
@@ -338,18 +368,21 @@ def _save(path: Path, image: np.ndarray) -> None:
 def make_synthetic(out: str | Path, *, train_ids: int = 150, test_ids: int = 150, seed: int = 0,
                    image_size: tuple[int, int] = (128, 64), cameras: int = 6, images_per_id: int = 18,
                    queries_per_id: int = 2, distractors: float = 0.03, junk: float = 0.01,
-                   progress: bool = True) -> dict[str, int]:
+                   misalign: float = DEFAULT_MISALIGN, progress: bool = True) -> dict[str, int]:
     """Write the dataset under `out` and return image counts per folder.
 
     Identities appear in 2..`cameras` cameras with about `images_per_id` images in all; each test
     identity gives up to `queries_per_id` queries (one per camera). `distractors` and `junk` are the
-    numbers of pid-0 and pid -1 gallery images as fractions of the gallery."""
+    numbers of pid-0 and pid -1 gallery images as fractions of the gallery. `misalign` in [0, 1] sets how
+    badly the crops are aligned (see MISALIGN_TABLE); the identities, cameras and every other random
+    choice are the same at every level."""
     if train_ids < 1 or test_ids < 1:
         raise ValueError(f"train_ids={train_ids}, test_ids={test_ids}: both must be >= 1")
     if train_ids + test_ids > 9999:
         raise ValueError("at most 9999 identities fit the 4-digit Market-1501 names")
     if cameras < 2:
         raise ValueError(f"cameras is {cameras}; at least 2 are needed (queries match across cameras)")
+    params = misalignment(misalign)
     h, w = int(image_size[0]), int(image_size[1])
     if h < 16 or w < 8:
         raise ValueError(f"image_size {image_size} is too small; at least 16x8")
@@ -385,13 +418,13 @@ def make_synthetic(out: str | Path, *, train_ids: int = 150, test_ids: int = 150
             for cam, n in zip(cam_ids, per_cam):
                 for j in range(int(n)):
                     split = "train" if not is_test else ("query" if cam in query_cams and j == 0 else "gallery")
-                    write(split, pid, cam, render_view(person, cams[cam], (h, w), rng), rng)
+                    write(split, pid, cam, render_view(person, cams[cam], (h, w), rng, params), rng)
             bar.update(1)
     rng = np.random.default_rng(extra_seed)
     for _ in range(int(round(distractors * counts["gallery"]))):
         cam = int(rng.integers(cameras))
-        write("gallery", 0, cam, render_view(random_person(rng), cams[cam], (h, w), rng), rng)
+        write("gallery", 0, cam, render_view(random_person(rng), cams[cam], (h, w), rng, params), rng)
     for _ in range(max(1, int(round(junk * counts["gallery"])))):
         cam = int(rng.integers(cameras))
-        write("gallery", -1, cam, render_view(None, cams[cam], (h, w), rng), rng)
+        write("gallery", -1, cam, render_view(None, cams[cam], (h, w), rng, params), rng)
     return counts

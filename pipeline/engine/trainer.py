@@ -17,6 +17,7 @@ Fault tolerance:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -39,7 +40,7 @@ from ..data.transforms import TrainAugment
 from ..fileio import atomic_write
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model
-from ..serving import eval_state_dict
+from ..model.backbone import fetch_pretrained_once_per_node
 from ..tracking import Tracker
 from .checkpoint import CheckpointError, CheckpointManager, checkpoint_name, load_checkpoint_file
 from .schedule import build_optimizer, build_scheduler
@@ -87,7 +88,11 @@ def deepspeed_config(cfg: Config, micro_batch: int) -> dict:
     if cfg.train.grad_clip is not None:
         ds["gradient_clipping"] = cfg.train.grad_clip
     if cfg.train.amp == "bf16":
-        ds.setdefault("bf16", {})["enabled"] = True
+        # torch.autocast inside the engine's forward, not DeepSpeed's "bf16" mode: that mode casts the
+        # parameters to bf16 but keeps BatchNorm's running statistics in fp32, a mix the CPU kernels
+        # refuse, and BatchNorm is better computed in fp32 anyway. The module keeps fp32 weights;
+        # convolutions and linear layers run in bf16 and their gradients are reduced in bf16.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif cfg.train.amp == "fp16":
         ds.setdefault("fp16", {})["enabled"] = True
     ds.setdefault("zero_allow_untested_optimizer", True)
@@ -119,6 +124,8 @@ class Trainer:
         self.steps_per_epoch = epoch_steps(self.manifest, cfg.data.p, cfg.data.k, dist_info.world_size,
                                            cfg.train.steps_per_epoch)
 
+        if cfg.model.pretrained:  # local rank 0 downloads (once per node); a failure stops every rank
+            fetch_pretrained_once_per_node(cfg.model.pretrained, dist_info.local_rank)
         # Model: identical initialisation on every rank (seeded), then per-rank RNG for augmentation.
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, self.num_classes)
@@ -167,6 +174,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self.skipped_steps = 0
         self.corrupt_images = 0
+        self._forward_dtype: str | None = None
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -209,6 +217,47 @@ class Trainer:
     def eval_model(self) -> torch.nn.Module:
         """The model used for evaluation and export: the first network of a mutual pair."""
         return self.model.nets[0] if isinstance(self.model, MutualPair) else self.model
+
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective (every rank calls it). The training module's state in float32 on the CPU.
+
+        Under DeepSpeed with bf16/fp16 the module computes with rounded copies; the weights that
+        matter are the optimiser's fp32 master weights, partitioned across ranks by ZeRO. They are
+        assembled here (one all_reduce per parameter, in state_dict order on every rank). Frozen
+        parameters and buffers have no master copy and are taken from the module."""
+        params = dict(self.model.named_parameters())
+        full = None
+        if self.engine is not None:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            full = safe_get_full_fp32_param
+        out = {}
+        for name, value in self.model.state_dict().items():
+            master = full(params[name]) if full is not None and name in params else None
+            value = value if master is None else master
+            out[name] = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype,
+                                          copy=True)
+        return out
+
+    def eval_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Collective. fp32 weights of the evaluated network (the first of a mutual pair)."""
+        state = self.fp32_state_dict() if state is None else state
+        if isinstance(self.model, MutualPair):
+            return {k.removeprefix("nets.0."): v for k, v in state.items() if k.startswith("nets.0.")}
+        return state
+
+    def _eval_network(self) -> torch.nn.Module:
+        """Collective. The network evaluation runs: the training network itself under DDP (fp32
+        weights; autocast only ever wraps the training forward), an fp32 copy rebuilt from the
+        master weights under DeepSpeed (whose module holds bf16/fp16 copies)."""
+        if self.engine is None:
+            return self.eval_model()
+        weights = self.eval_state_dict()
+        if getattr(self, "_fp32_eval_net", None) is None:
+            model_cfg = dataclasses.replace(self.cfg.model, pretrained=None)
+            self._fp32_eval_net = build_model(model_cfg, self.num_classes)
+        self._fp32_eval_net.load_state_dict(weights)
+        return self._fp32_eval_net.to(self.device)
 
     def _log(self, msg: str) -> None:
         if self.dist.is_main:
@@ -271,10 +320,11 @@ class Trainer:
         if self.engine is not None:
             self.engine.save_checkpoint(str(self.ckpt.ds_dir()), tag=name.removesuffix(".pt"),
                                         save_latest=False)
+        weights = self.fp32_state_dict()
         error = None
         if self.dist.is_main:
             state = {
-                "model": self.model.state_dict(),
+                "model": weights,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "rng": rngs, "config": self.cfg.to_dict(), "num_classes": self.num_classes,
                 "mutual": self.cfg.mutual.enabled, "mlflow_run_id": self._run_id(),
@@ -328,13 +378,18 @@ class Trainer:
         t_aug = time.perf_counter() - t0
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.engine is not None and self.cfg.train.amp == "bf16":
-            images = images.to(torch.bfloat16)  # DeepSpeed bf16 does not cast inputs itself
-        elif self.engine is not None and self.cfg.train.amp == "fp16":
+        if self.engine is not None and self.cfg.train.amp == "fp16":
             images = images.half()
         with self._autocast():
             outputs = self.module(images)
+        if self._forward_dtype is None:   # what the network really computed in (summary.json)
+            first = outputs[0] if isinstance(outputs, list) else outputs
+            self._forward_dtype = str(first["global"].dtype).removeprefix("torch.")
         outputs = _to_float(outputs)
+        warmup = self.cfg.loss.local_warmup_epochs
+        if warmup > 0:
+            progress = (self.epoch * self.steps_per_epoch + self.step_in_epoch) / self.steps_per_epoch
+            self.criterion.local_scale = min(1.0, progress / warmup)
         loss, terms = self.criterion(outputs, pids, labels)
         timing = dict(getattr(self.criterion, "last_timing", {}) or {}, augment_s=t_aug)
 
@@ -436,8 +491,9 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                 step_time = timing["step_s"] + data_wait
                 lr = self.optimizer.param_groups[0]["lr"]
+                # "time": wall clock (Unix seconds) when the step ended, for rates over many steps.
                 record = {"epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
-                          "lr": lr, **{f"loss/{k}": v for k, v in terms.items()},
+                          "time": time.time(), "lr": lr, **{f"loss/{k}": v for k, v in terms.items()},
                           "throughput/images_per_s": images_per_step / max(step_time, 1e-9),
                           "time/data_wait_share": data_wait / max(step_time, 1e-9)}
                 for key in ("comm_s", "loss_s"):
@@ -452,7 +508,7 @@ class Trainer:
                                         f"{record['throughput/images_per_s']:.0f} img/s")
                 if self.global_step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                     self.tracker.log_metrics({k: v for k, v in record.items()
-                                              if k not in ("epoch", "step", "global_step")},
+                                              if k not in ("epoch", "step", "global_step", "time")},
                                              step=self.global_step)
                 if stop:
                     bar.close()
@@ -491,7 +547,7 @@ class Trainer:
             for buf in self.model.buffers():
                 torch.distributed.broadcast(buf, src=0)
         out_dir = self.out / "eval" / (tag or f"epoch-{self.epoch + 1:04d}")
-        result = evaluate(self.eval_model(), cfg.data.shards, image_size=self.image_size, device=self.device,
+        result = evaluate(self._eval_network(), cfg.data.shards, image_size=self.image_size, device=self.device,
                           distance=cfg.eval.distance, rerank=cfg.eval.rerank, batch_size=cfg.eval.batch_size,
                           max_rank=cfg.eval.max_rank, output_dir=str(out_dir) if self.dist.is_main else None,
                           plots=cfg.eval.plots)
@@ -513,7 +569,27 @@ class Trainer:
                 "checkpoint": self.ckpt.latest_name(), "exit_code": PREEMPTED_EXIT_CODE}))
         raise Preempted()
 
+    def precision(self) -> dict[str, str]:
+        """What numeric precision this run actually uses (recorded in summary.json)."""
+        amp = self.cfg.train.amp
+        low = {"bf16": "bfloat16", "fp16": "float16"}.get(amp)
+        if low is None:
+            compute, how = "float32", "none"
+        elif self.engine is not None and amp == "bf16":
+            compute, how = low, f"DeepSpeed torch_autocast ({self.device.type}, {low}; fp32 module and master weights)"
+        elif self.engine is not None:
+            compute, how = low, f"DeepSpeed {amp} (module in {low}, fp32 master weights in the optimiser)"
+        else:
+            compute, how = low, f"torch.autocast({self.device.type}, {low})" + (
+                " with a GradScaler" if self.scaler is not None else "")
+        return {"amp": amp, "compute_dtype": compute, "mechanism": how, "master_weights": "float32",
+                "losses": "float32", "device": self.device.type,
+                "observed_forward_dtype": self._forward_dtype or "unknown (no step ran)"}
+
     def _finish_summary(self) -> dict[str, Any]:
+        # Collective: under DeepSpeed the fp32 weights are assembled from every rank's partition.
+        log_model = self.cfg.tracking.enabled and self.cfg.tracking.log_model
+        weights = self.eval_state_dict() if log_model else None
         summary = {
             "world_size": self.dist.world_size, "nodes": self.dist.num_nodes,
             "engine": self.cfg.engine.backend, "global_step": self.global_step,
@@ -522,12 +598,13 @@ class Trainer:
             "resumed_from": self.resumed_from, "skipped_steps": self.skipped_steps,
             "corrupt_images": self.corrupt_images,
             "checkpoint": str(self.ckpt.dir / (self.ckpt.latest_name() or "")),
+            "precision": self.precision(),
         }
         if self.dist.is_main:
             (self.out / "preempted.json").unlink(missing_ok=True)
             atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
-            if self.cfg.tracking.log_model:
-                self.tracker.log_model(eval_state_dict(self.eval_model()), self.cfg.to_dict(), self.num_classes)
+            if weights is not None:
+                self.tracker.log_model(weights, self.cfg.to_dict(), self.num_classes)
         return summary
 
 

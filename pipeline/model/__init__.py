@@ -1,7 +1,9 @@
 """AlignedReID networks: the ResNet trunk (torchvision names, configurable last stride), the global and
 local heads, mutual pairs, and rebuilding a trained network from a checkpoint."""
 from .aligned import AlignedReID, MutualPair, build_model, convert_sync_bn, model_from_checkpoint
-from .backbone import ARCHS, LoadReport, ResNet, load_pretrained
+from .backbone import (ARCHS, IMAGENET_URLS, LoadReport, PretrainedWeightsError, ResNet, fetch_pretrained,
+                       fetch_pretrained_once_per_node, load_pretrained, pretrained_cache_path)
 
-__all__ = ["ARCHS", "AlignedReID", "LoadReport", "MutualPair", "ResNet", "build_model", "convert_sync_bn",
-           "load_pretrained", "model_from_checkpoint"]
+__all__ = ["ARCHS", "IMAGENET_URLS", "AlignedReID", "LoadReport", "MutualPair", "PretrainedWeightsError", "ResNet",
+           "build_model", "convert_sync_bn", "fetch_pretrained", "fetch_pretrained_once_per_node",
+           "load_pretrained", "model_from_checkpoint", "pretrained_cache_path"]

@@ -11,12 +11,15 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, config_from_dict
 from .backbone import LoadReport, ResNet, load_pretrained
 
 log = logging.getLogger(__name__)
+
+LOCAL_HEADS = ("pool-conv-bn-relu", "bn-relu-pool-conv")
 
 
 class AlignedReID(nn.Module):
@@ -28,15 +31,19 @@ class AlignedReID(nn.Module):
     trunk's base channel count (64 = torchvision's; smaller only for cheap tests)."""
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1, neck: bool = True,
-                 local_dim: int = 128, stripe_pool: str = "avg", width: int = 64):
+                 local_dim: int = 128, stripe_pool: str = "avg", width: int = 64,
+                 local_head: str = "pool-conv-bn-relu", local_normalize: bool = False):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes is {num_classes}; the identity classifier needs at least 1")
         if stripe_pool not in ("avg", "max"):
             raise ValueError(f"stripe_pool is {stripe_pool!r}; must be 'avg' or 'max'")
+        if local_head not in LOCAL_HEADS:
+            raise ValueError(f"local_head is {local_head!r}; must be one of {LOCAL_HEADS}")
         self.backbone = ResNet(backbone, last_stride, width)
         dim = self.backbone.out_channels
         self.feat_dim, self.local_dim, self.stripe_pool = dim, local_dim, stripe_pool
+        self.local_head, self.local_normalize = local_head, local_normalize
         # BN neck (as in the strong baselines): the triplet loss sees the raw pooled feature, the
         # classifier and retrieval the normalised one. Its shift stays at zero (frozen) and the
         # classifier has no bias, so the ID loss cannot be lowered by moving the features off-centre.
@@ -47,16 +54,32 @@ class AlignedReID(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.001)
         if self.classifier.bias is not None:
             nn.init.zeros_(self.classifier.bias)
-        self.local_conv = nn.Conv2d(dim, local_dim, 1, bias=False)  # BN follows: a bias is redundant
-        self.local_bn = nn.BatchNorm2d(local_dim)
+        if local_head == "pool-conv-bn-relu":
+            # Reproduction A: pool the map over the width, then 1x1 conv, BN, ReLU on each stripe.
+            self.local_conv = nn.Conv2d(dim, local_dim, 1, bias=False)  # BN follows: a bias is redundant
+            self.local_bn = nn.BatchNorm2d(local_dim)
+        else:
+            # AlignedReID++: BN and ReLU on the whole map, pool over the width, then a 1x1 conv.
+            self.local_bn = nn.BatchNorm2d(dim)
+            self.local_conv = nn.Conv2d(dim, local_dim, 1, bias=True)
+            nn.init.zeros_(self.local_conv.bias)
         self.local_relu = nn.ReLU(inplace=True)
         nn.init.kaiming_normal_(self.local_conv.weight, mode="fan_out", nonlinearity="relu")
 
+    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.mean(3, keepdim=True) if self.stripe_pool == "avg" else fmap.amax(3, keepdim=True)
+
     def local_features(self, fmap: torch.Tensor) -> torch.Tensor:
-        """Feature map [N, D, H, W] -> stripes [N, H, local_dim]."""
-        stripes = fmap.mean(3, keepdim=True) if self.stripe_pool == "avg" else fmap.amax(3, keepdim=True)
-        stripes = self.local_relu(self.local_bn(self.local_conv(stripes)))
-        return stripes.squeeze(3).transpose(1, 2)
+        """Feature map [N, D, H, W] -> stripes [N, H, local_dim] (unit length each with local_normalize)."""
+        if self.local_head == "pool-conv-bn-relu":
+            stripes = self.local_relu(self.local_bn(self.local_conv(self._pool(fmap))))
+        else:
+            stripes = self.local_conv(self._pool(self.local_relu(self.local_bn(fmap))))
+        stripes = stripes.squeeze(3).transpose(1, 2)
+        if self.local_normalize:
+            # Unit stripes keep ||f - g|| in [0, 2], where tanh(||f - g|| / 2) has a useful gradient.
+            stripes = F.normalize(stripes, dim=2, eps=1e-12)
+        return stripes
 
     def forward(self, x: torch.Tensor, return_local: bool = False):
         fmap = self.backbone(x)
@@ -86,11 +109,13 @@ class MutualPair(nn.Module):
 
 def build_model(model_cfg: ModelConfig, num_classes: int, cache_dir: str | None = None) -> AlignedReID:
     """The network `model_cfg` describes, with ImageNet weights in the trunk when `model.pretrained` is
-    set (path or URL; URLs are cached in `cache_dir`, default the torch hub cache). The load report is
-    kept as `model.pretrained_report`. SyncBatchNorm is not applied here (it needs the process group
+    set (path or URL; a URL is downloaded once into `cache_dir`, default the torch hub cache, and its
+    sha256 prefix checked, see `fetch_pretrained`). The load report is kept as
+    `model.pretrained_report`. SyncBatchNorm is not applied here (it needs the process group
     and GPUs): call `convert_sync_bn` in the multi-GPU set-up."""
     model = AlignedReID(num_classes, backbone=model_cfg.backbone, last_stride=model_cfg.last_stride,
-                        neck=model_cfg.neck, local_dim=model_cfg.local_dim, stripe_pool=model_cfg.stripe_pool)
+                        neck=model_cfg.neck, local_dim=model_cfg.local_dim, stripe_pool=model_cfg.stripe_pool,
+                        local_head=model_cfg.local_head, local_normalize=model_cfg.local_normalize)
     report: LoadReport | None = None
     if model_cfg.pretrained:
         report = load_pretrained(model.backbone, model_cfg.pretrained, cache_dir)
