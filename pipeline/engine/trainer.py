@@ -135,7 +135,9 @@ class Trainer:
         if cfg.model.sync_bn and dist_info.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
-        if cfg.train.channels_last:
+        if cfg.train.channels_last and cfg.engine.backend != "deepspeed":
+            # DeepSpeed keeps its parameters as views of flat contiguous buffers (and cannot broadcast
+            # channels_last ones): there the inputs alone are channels_last, which convolutions follow.
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._seed_rank(epoch=0)
