@@ -70,17 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import distributed as D
     from pipeline.evaluation import evaluate
-    from pipeline.inference import checkpoint_image_size, resolve_checkpoint
-    from pipeline.model import model_from_checkpoint
+    from pipeline.checkpoint import model_from_checkpoint
 
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        model, info = model_from_checkpoint(checkpoint)
+    try:   # read once: a file, or a directory's newest usable checkpoint
+        model, info = model_from_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
+    checkpoint = Path(info["path"])
     image_size = tuple(cfg.data.image_size)
-    trained_size = checkpoint_image_size(checkpoint)
+    trained_size = tuple(info["image_size"]) if info["image_size"] else None
     if trained_size is not None and trained_size != image_size:
         print(f"warning: {checkpoint} was trained at {list(trained_size)} but data.image_size is "
               f"{list(image_size)}; evaluating at {list(image_size)}", file=sys.stderr)

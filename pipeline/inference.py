@@ -37,36 +37,10 @@ from torch import nn
 from pipeline.data.stream import decode
 from pipeline.data.transforms import normalize, resize
 from pipeline.fileio import atomic_path
-from pipeline.model import model_from_checkpoint
+from pipeline.checkpoint import model_from_checkpoint, resolve_checkpoint  # noqa: F401 (resolve_checkpoint: public here too)
 
 ImageInput = Union[str, Path, Image.Image, torch.Tensor, np.ndarray]
 DEFAULT_IMAGE_SIZE = (256, 128)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file from a file path, a checkpoints directory (its `latest`) or a run directory
-    (its `checkpoints/latest`)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for folder in (path, path / "checkpoints"):
-        latest = folder / "latest"
-        if latest.is_file():
-            name = latest.read_text().strip()
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{latest} names {name!r}, which does not exist in {folder}; "
-                                        f"pass a ckpt-*.pt file explicitly")
-            return folder / name
-    raise FileNotFoundError(f"no checkpoint at {path}: pass a ckpt-*.pt file, a checkpoints directory "
-                            f"with a 'latest' file, or a run directory containing checkpoints/latest")
-
-
-def checkpoint_image_size(path: str | Path) -> tuple[int, int] | None:
-    """The (H, W) the checkpoint's run trained at (config.data.image_size), if it records one."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    size = ((state.get("config") or {}).get("data") or {}).get("image_size") \
-        if isinstance(state, dict) else None
-    return (int(size[0]), int(size[1])) if size else None
 
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")      # scheme:/... (2+ letters: not a C:/ path)
@@ -81,16 +55,17 @@ def load_network(source: str | Path, tracking_uri: str | None = None
                  ) -> tuple[nn.Module, dict, tuple[int, int] | None]:
     """(network in eval mode on the CPU, info, trained image size or None) from `source`: an MLflow
     model URI (downloaded from `tracking_uri`, default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db),
-    a local MLflow model directory (with MLmodel), or a checkpoint (see resolve_checkpoint)."""
+    a local MLflow model directory (with MLmodel), or a checkpoint (a file, a checkpoints directory or a
+    run directory: pipeline.checkpoint.model_from_checkpoint, read once)."""
     if is_model_uri(source):
         from pipeline.serving import network_from_uri
         return network_from_uri(str(source), tracking_uri)
     if (Path(source) / "MLmodel").is_file():
         from pipeline.serving import network_from_model_dir
         return network_from_model_dir(source)
-    checkpoint = resolve_checkpoint(source)
-    model, info = model_from_checkpoint(checkpoint)
-    return model, info, checkpoint_image_size(checkpoint)
+    model, info = model_from_checkpoint(source)
+    size = info["image_size"]
+    return model, info, (tuple(size) if size else None)
 
 
 class Embedder(nn.Module):

@@ -48,7 +48,8 @@ import yaml
 from torch import nn
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.model import AlignedReID, MutualPair, model_from_checkpoint
+from pipeline.checkpoint import cpu_fp32, evaluated_network, model_from_checkpoint
+from pipeline.model import AlignedReID
 
 FORMAT = "alignedreid-pyfunc-v1"
 MODEL_NAME = "model"               # the logged model's name: what runs:/<run_id>/model resolves to
@@ -61,23 +62,10 @@ _EXAMPLE_DOWNSCALE = 8             # the input example is the trained size / 8: 
 
 
 def eval_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the network that evaluation uses, ready to log: DDP / DeepSpeed (`.module`)
-    and torch.compile (`._orig_mod`) wrappers stripped, the first network of a MutualPair, every
-    tensor a CPU copy, floating-point ones in fp32 (so the copy is independent of training and of its
-    mixed precision)."""
-    net = model
-    while True:
-        if isinstance(net, MutualPair):
-            net = net.nets[0]
-        elif isinstance(getattr(net, "module", None), nn.Module):
-            net = net.module
-        elif isinstance(getattr(net, "_orig_mod", None), nn.Module):
-            net = net._orig_mod
-        else:
-            break
-    return {k: v.detach().to(device="cpu", dtype=torch.float32 if v.is_floating_point() else v.dtype,
-                             copy=True)
-            for k, v in net.state_dict().items()}
+    """The state dict of the network that evaluation uses, ready to log: wrappers stripped and the
+    first network of a MutualPair (pipeline.checkpoint.evaluated_network), every tensor a CPU copy,
+    floating-point ones in fp32 (so the copy is independent of training and of its mixed precision)."""
+    return cpu_fp32(evaluated_network(model).state_dict())
 
 
 def pip_requirements() -> list[str]:

@@ -7,8 +7,9 @@ import warnings
 import pytest
 import torch
 
-from pipeline.engine.checkpoint import (CheckpointError, CheckpointManager, checkpoint_name,
-                                        load_checkpoint_file)
+from pipeline.checkpoint import (CheckpointError, CheckpointManager, checkpoint_name, evaluated_state_dict,
+                                 load_checkpoint_file, model_from_checkpoint, read_checkpoint,
+                                 resolve_checkpoint)
 
 
 def _state(step, size=16):
@@ -68,6 +69,48 @@ def test_weights_only_refuses_pickled_code(tmp_path):
     torch.save({"format": "alignedreid-ckpt-v1", "x": Evil()}, path)
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint_file(path)
+
+
+def test_directories_resolve_and_fall_back_like_the_manager(tmp_path):
+    """A run or checkpoints directory: `latest`, else the newest file; a corrupt newest one is skipped
+    when read, as a resuming training skips it."""
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=3)
+    first = mgr.save(_state(1), checkpoint_name(0, 1))
+    second = mgr.save(_state(2), checkpoint_name(0, 2))
+    for source in (tmp_path / "run", mgr.dir, second):
+        assert resolve_checkpoint(source) == second
+    (mgr.dir / "latest").write_text("ckpt-E0009-S000009.pt")          # dangling pointer: newest file
+    assert resolve_checkpoint(tmp_path / "run") == second
+    second.write_bytes(second.read_bytes()[:100])                       # corrupt: the previous one
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        state, path = read_checkpoint(tmp_path / "run")
+    assert path == first and state["global_step"] == 1
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        resolve_checkpoint(tmp_path / "empty")
+
+
+def test_model_from_checkpoint_verifies_the_digest(tmp_path):
+    from pipeline.config import Config
+    from pipeline.model import build_model
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.last_stride, cfg.data.image_size = "resnet18", 2, [64, 32]
+    model = build_model(cfg.model, 3)
+    path = CheckpointManager(tmp_path).save({"model": model.state_dict(), "config": cfg.to_dict(),
+                                             "num_classes": 3, "mutual": False}, checkpoint_name(0, 1))
+    _, info = model_from_checkpoint(path)
+    assert info["image_size"] == [64, 32] and info["path"] == str(path)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF                                  # still a readable zip? the digest says no
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        model_from_checkpoint(path)
+
+
+def test_evaluated_state_dict_takes_the_first_net_of_a_pair():
+    w = torch.zeros(1)
+    assert evaluated_state_dict({"module.nets.0.a": w, "module.nets.1.a": w}) == ({"a": w}, True)
+    assert evaluated_state_dict({"module.a": w}) == ({"a": w}, False)
 
 
 @pytest.fixture

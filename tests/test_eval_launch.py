@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.config import Config
-from pipeline.engine.checkpoint import CheckpointManager
+from pipeline.checkpoint import CheckpointManager
 from pipeline.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.engine.checkpoint import CheckpointManager
+from pipeline.checkpoint import CheckpointManager
 from pipeline.inference import FeatureExtractor, export_onnx, resolve_checkpoint
 from pipeline.model import build_model
 

@@ -167,7 +167,7 @@ def test_shipped_recipe_runs_as_shipped(recipe, recipe_shards, resnet50_file, tm
         # Evaluation and export use the fp32 master weights, exactly DeepSpeed's own fp32 state.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from pipeline.engine.checkpoint import load_checkpoint_file
+        from pipeline.checkpoint import load_checkpoint_file
 
         saved = load_checkpoint_file(checkpoint)["model"]
         engine_fp32 = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent / "ds"),

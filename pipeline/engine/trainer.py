@@ -42,7 +42,7 @@ from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model
 from ..model.backbone import fetch_pretrained_once_per_node
 from ..tracking import Tracker
-from .checkpoint import CheckpointError, CheckpointManager, checkpoint_name, load_checkpoint_file
+from ..checkpoint import CheckpointError, CheckpointManager, checkpoint_name, load_checkpoint_file
 from .schedule import build_optimizer, build_scheduler
 
 from . import PREEMPTED_EXIT_CODE

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import distributed as D
+from pipeline.checkpoint import evaluated_network
 from pipeline.data import eval_batches, load_manifest, read_images
 from pipeline.fileio import atomic_write
 from pipeline.evaluation.metrics import (feature_distance, query_stats_from_features, rank_metrics,
@@ -33,15 +34,6 @@ from pipeline.evaluation.rerank import rerank_from_features
 
 RANKED_QUERIES = 6   # queries shown in the ranked-list picture
 RANKED_TOPK = 10
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network to run at test time: without DDP/DeepSpeed's `.module` wrapper, and the first
-    network of a mutual pair (its eval forward is that network's anyway, this just says so)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    nets = getattr(model, "nets", None)
-    return nets[0] if isinstance(nets, nn.ModuleList) and len(nets) else model
 
 
 def _gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -154,7 +146,7 @@ def evaluate(model: nn.Module, shards_dir: str | Path, *, image_size: tuple[int,
     re-ranking (k1=20, k2=6, λ=0.3). With `output_dir` (on rank 0) the CMC curve, ranked lists and
     metrics.json are written there (pictures when `plots`). The model is put in eval mode and its
     previous mode restored."""
-    net = unwrap(model)
+    net = evaluated_network(model)
     was_training = net.training
     net.eval()
     try:

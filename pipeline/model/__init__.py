@@ -1,6 +1,7 @@
 """AlignedReID networks: the ResNet trunk (torchvision names, configurable last stride), the global and
 local heads, mutual pairs, and rebuilding a trained network from a checkpoint."""
-from .aligned import AlignedReID, MutualPair, build_model, convert_sync_bn, model_from_checkpoint
+from ..checkpoint import model_from_checkpoint  # re-exported: it lives with the checkpoint format
+from .aligned import AlignedReID, MutualPair, build_model, convert_sync_bn
 from .backbone import (ARCHS, IMAGENET_URLS, LoadReport, PretrainedWeightsError, ResNet, fetch_pretrained,
                        fetch_pretrained_once_per_node, load_pretrained, pretrained_cache_path)
 

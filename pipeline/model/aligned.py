@@ -8,13 +8,12 @@ them at test time, a train/test mismatch).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, config_from_dict
+from ..config import ModelConfig
 from .backbone import LoadReport, ResNet, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -126,73 +125,3 @@ def build_model(model_cfg: ModelConfig, num_classes: int, cache_dir: str | None 
 def convert_sync_bn(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm layer by SyncBatchNorm (statistics over all ranks' batches; GPU only)."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def _single_net_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
-    """Strip DDP's `module.` prefix; from a MutualPair's state dict keep `nets.0.*` (the evaluated net)."""
-    weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    if any(k.startswith("nets.0.") for k in weights):
-        return {k.removeprefix("nets.0."): v for k, v in weights.items() if k.startswith("nets.0.")}, True
-    return weights, False
-
-
-def model_from_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None,
-                          num_classes: int | None = None) -> tuple[AlignedReID, dict]:
-    """Rebuild the evaluated network from a file, in eval mode on the CPU.
-
-    The file is either the engine's checkpoint (a dict with `model`, `config`, `num_classes`, `mutual`)
-    or a bare state dict, which needs `model_cfg` and `num_classes`; given for a checkpoint, they
-    override what it records. Of a mutual pair the first network is taken. Pretrained weights are not
-    reloaded (the checkpoint has the trained ones). Returns (model, info) where info has `path`,
-    `num_classes`, `mutual`, `model_config` (dict), and `epoch` / `global_step` when recorded."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a ckpt-*.pt file from "
-                                f"<output_dir>/checkpoints (or a model.pt / bare state dict)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, or pickled objects weights_only refuses
-        raise ValueError(f"checkpoint {path} cannot be read with weights_only=True ({exc}); it must be a "
-                         f"dict of plain types and tensors as written by the engine") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
-    info: dict = {"path": str(path)}
-    recorded_mutual = None
-    if isinstance(state.get("model"), dict):
-        weights = state["model"]
-        if model_cfg is None:
-            section = (state.get("config") or {}).get("model")
-            if not isinstance(section, dict):
-                raise ValueError(f"checkpoint {path} has no config.model section; pass model_cfg "
-                                 f"explicitly")
-            try:
-                model_cfg = config_from_dict({"model": section}, source=f"{path} (config)").model
-            except ConfigError as exc:
-                raise ValueError(f"checkpoint {path}: its model config is not valid here: {exc}") from None
-        if num_classes is None:
-            num_classes = state.get("num_classes")
-        recorded_mutual = state.get("mutual")
-        info.update({k: state[k] for k in ("epoch", "global_step") if k in state})
-    else:
-        weights = state
-    if model_cfg is None or num_classes is None:
-        raise ValueError(f"{path} is a bare state dict (no 'model'/'config'/'num_classes' keys); pass "
-                         f"model_cfg and num_classes to rebuild the network")
-    weights, is_pair = _single_net_weights(weights)
-    model_cfg = ModelConfig(**{**model_cfg.__dict__, "pretrained": None})
-    model = build_model(model_cfg, int(num_classes))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    mismatched = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(weights)) if own[k].shape != weights[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"checkpoint {path} does not match model {model_cfg.backbone} with {num_classes} "
-                         f"classes: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches "
-                         f"{mismatched[:5]}. Pass the model_cfg / num_classes the network was trained with.")
-    model.load_state_dict(weights)
-    model.eval()
-    info.update({"num_classes": int(num_classes),
-                 "mutual": bool(is_pair if recorded_mutual is None else recorded_mutual),
-                 "model_config": dict(model_cfg.__dict__)})
-    return model, info

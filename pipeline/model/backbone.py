@@ -396,13 +396,15 @@ def fetch_pretrained_once_per_node(source: str, local_rank: int, cache_dir: str 
 
 
 def _read_state_dict(source: str, cache_dir: str | None) -> dict[str, torch.Tensor]:
+    from ..checkpoint import CheckpointError, load_weights
+
     path = fetch_pretrained(source, cache_dir)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file, or pickled objects weights_only refuses
+        state = load_weights(path)
+    except CheckpointError as exc:  # not a torch file, or pickled objects weights_only refuses
         hint = f" Delete {path} to download it again." if is_url(source) else ""
         raise PretrainedWeightsError(f"model.pretrained: {path} cannot be read with torch.load(weights_only="
-                                     f"True) ({type(exc).__name__}: {exc}).{hint}") from None
+                                     f"True) ({exc}).{hint}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
