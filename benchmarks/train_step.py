@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace, shards: str, out_dir: str) -> None:
 
     # --- ours: the real step fed by the shard stream
     rows = []
-    iterator = iter(trainer._batches(epoch=0, start_step=0))
+    iterator = iter(trainer.batches(epoch=0, start_step=0))
     batch = None
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -90,17 +90,15 @@ def worker(args: argparse.Namespace, shards: str, out_dir: str) -> None:
     del iterator
 
     # --- baseline: compute only (batch in memory, per-rank CE, no gather/triplet/DP)
-    model = trainer.module
-    images = trainer.augment(batch["images"].to(device)).detach()
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    backend = trainer.backend
+    images = backend.prepare(trainer.augment(batch["images"].to(device)).detach())
     labels = batch["labels"].to(device)
-    opt = torch.optim.Adam(trainer.model.parameters(), lr=1e-6)
+    opt = torch.optim.Adam(backend.network.parameters(), lr=1e-6)
     base = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        with trainer._autocast():
-            out = model(images)
+        with backend.autocast():
+            out = backend.wrapped(images)
         out = out[0] if isinstance(out, list) else out
         # Every output joins the graph (DDP needs all parameters used); only CE carries a gradient.
         loss = torch.nn.functional.cross_entropy(out["logits"].float(), labels) \

@@ -91,7 +91,6 @@ class TrainConfig:
     channels_last: bool = False
     nan_policy: str = "stop"                 # stop | skip
     log_every: int = 10                      # steps between progress/metric updates
-    deterministic: bool = False
 
 
 @dataclass
@@ -338,6 +337,8 @@ def backbone_stride(last_stride: int) -> int:
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
+    """Every check of the values, each key alone and across keys (load_config runs it, before any process
+    group starts); raises ConfigError naming the key and the fix."""
     def bad(key: str, msg: str):
         raise ConfigError(f"{source}: '{key}' {msg}")
 
@@ -400,6 +401,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("eval.batch_size", f"is {cfg.eval.batch_size}; must be >= 1")
     if cfg.tracking.timeout_s <= 0:
         bad("tracking.timeout_s", f"is {cfg.tracking.timeout_s}; must be > 0")
+    if cfg.engine.backend == "deepspeed":
+        if t.nan_policy == "skip":
+            bad("train.nan_policy", "is skip, which engine.backend=deepspeed does not support (DeepSpeed "
+                "owns the optimiser step); use nan_policy=stop or engine.backend=ddp")
+        zero = cfg.engine.deepspeed.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+        if stage not in (0, 1, 2):
+            bad("engine.deepspeed.zero_optimization.stage", f"is {stage!r}; supported: 0, 1, 2")
     name = cfg.tracking.register_as
     if name is not None and (not name.strip() or name != name.strip()):
         bad("tracking.register_as", f"is {name!r}; must be a registered model name (non-empty, no "
@@ -410,7 +419,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 
 def check_machine(cfg: Config, cuda_available: bool | None = None) -> None:
-    """Checks that depend on this machine, not on the file: run before any process group starts."""
+    """Checks that depend on this machine, not on the file (CUDA, installed engines): run before any
+    process group starts. Cross-field checks of the values themselves are validate's."""
     if cuda_available is None:
         import torch
 
@@ -423,6 +433,14 @@ def check_machine(cfg: Config, cuda_available: bool | None = None) -> None:
         if cfg.engine.dist_backend == "nccl":
             raise ConfigError("'engine.dist_backend' is nccl, which needs CUDA GPUs; set "
                               "engine.dist_backend=auto (gloo on CPU) or gloo")
+    if cfg.engine.backend == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("'engine.backend' is deepspeed, which is not installed in this environment; "
+                              "install it after torch with `pip install --no-build-isolation deepspeed` (or "
+                              "`pip install --no-build-isolation 'alignedreid-pipeline[deepspeed]'`), or set "
+                              "engine.backend=ddp")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -36,6 +36,17 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher (torchrun) set it; 0 for a plain process. Readable
+    before any process group exists (entry points use it to report an error once)."""
+    return env_int("RANK", 0)
+
+
+def launch_local_rank() -> int:
+    """This process's rank on its node as the launcher set it; 0 for a plain process."""
+    return env_int("LOCAL_RANK", 0)
+
+
 class LaunchError(RuntimeError):
     """The way the processes were launched cannot work; the message says how to launch instead."""
 
@@ -141,6 +152,13 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy `src`'s buffers (BatchNorm running statistics, ...) of `module` to every rank, in place."""
+    if is_dist() and get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

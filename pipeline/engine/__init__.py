@@ -1,12 +1,11 @@
-"""Training engine: the loop (DDP or DeepSpeed), checkpoints, LR schedules, preemption handling.
+"""Training engine: the loop (trainer.py), the DDP | DeepSpeed backends (backend.py), the training
+state (state.py), what the run reports (reporting.py), preemption handling (preemption.py) and LR
+schedules (schedule.py). Checkpoint files are pipeline/checkpoint.py's.
 
-`train`/`Trainer` are imported lazily so that checkpoint utilities load without the whole stack."""
-from ..checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file
+`train`/`Trainer` are imported lazily so that the small parts load without the whole stack."""
+from .preemption import PREEMPTED_EXIT_CODE
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" — the job script requeues on this status
-
-__all__ = ["PREEMPTED_EXIT_CODE", "CheckpointError", "CheckpointManager", "NonFiniteLossError", "Trainer",
-           "load_checkpoint_file", "train"]
+__all__ = ["PREEMPTED_EXIT_CODE", "NonFiniteLossError", "Trainer", "train"]
 
 
 def __getattr__(name):
