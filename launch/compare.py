@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.compare import compare_runs  # noqa: E402
+from pipeline.tracking.compare import compare_runs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,15 +168,13 @@ def locate_model(uri: str, client) -> str:
     models:/NAME@alias and models:/<model_id> come from the registry / logged model. Done here
     because MLflow 3.17 resolves runs:/ logged models and models:/ URIs through the process-wide
     tracking URI whatever tracking_uri its download functions are given (and so can silently create
-    ./mlflow.db)."""
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    if RunsArtifactRepository.is_runs_uri(uri):
-        run_id, path = RunsArtifactRepository.parse_runs_uri(uri)
+    ./mlflow.db). The URIs are parsed here too: MLflow's parsers are private modules."""
+    scheme, _, path = uri.partition(":/")
+    path = path.lstrip("/")
+    if scheme == "runs":
+        run_id, _, path = path.partition("/")
         run = client.get_run(run_id)
-        name, _, rest = (path or "").partition("/")
+        name, _, rest = path.partition("/")
         token = None
         while name:
             page = client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{name}'",
@@ -188,13 +186,38 @@ def locate_model(uri: str, client) -> str:
                 break
             token = page.token
         return _join(run.info.artifact_uri, path)
-    if ModelsArtifactRepository.is_models_uri(uri):
-        base, rest = ModelsArtifactRepository.split_models_uri(uri)
-        found = get_model_name_and_version(client, base)
-        location = (client.get_logged_model(found[0]).artifact_location if len(found) == 1
-                    else client.get_model_version_download_uri(*found))
-        return _join(location, rest)
+    if scheme == "models":
+        return _locate_registered(path, client)
     return uri
+
+
+_STAGES = ("none", "staging", "production", "archived")
+
+
+def _locate_registered(path: str, client) -> str:
+    """models:/<model_id>[/sub], models:/NAME@ALIAS[/sub], models:/NAME/VERSION|latest|STAGE[/sub]."""
+    parts = path.split("/")
+    first, second = parts[0], (parts[1] if len(parts) > 1 else None)
+    if "@" in first:
+        name, _, alias = first.partition("@")
+        version = client.get_model_version_by_alias(name, alias).version
+        return _join(client.get_model_version_download_uri(name, version), "/".join(parts[1:]))
+    names_a_version = second is not None and (second.isdigit() or second.lower() in ("latest", *_STAGES))
+    if not names_a_version:   # a logged model's id (m-...)
+        return _join(client.get_logged_model(first).artifact_location, "/".join(parts[1:]))
+    if second.isdigit():
+        version = second
+    elif second.lower() == "latest":
+        versions = client.search_model_versions(f"name = '{first}'")
+        if not versions:
+            raise FileNotFoundError(f"models:/{path}: the registered model {first!r} has no version")
+        version = str(max(int(v.version) for v in versions))
+    else:
+        found = client.get_latest_versions(first, [second])
+        if not found:
+            raise FileNotFoundError(f"models:/{path}: no version of {first!r} in stage {second!r}")
+        version = found[0].version
+    return _join(client.get_model_version_download_uri(first, version), "/".join(parts[2:]))
 
 
 def network_from_uri(uri: str, tracking_uri: str | None = None) -> tuple[AlignedReID, dict, tuple[int, int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.compare import compare_runs, resolve_metric
+from pipeline.tracking.compare import compare_runs, resolve_metric
 from pipeline.config import Config, TrackingConfig
 from pipeline.tracking import Tracker
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.compare import compare_runs
+from pipeline.tracking.compare import compare_runs
 from pipeline.config import Config, TrackingConfig
 from pipeline.tracking import Tracker
 

@@ -26,7 +26,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipeline.fileio import atomic_path, atomic_write
-from pipeline.tracking import resolve_tracking_uri
+from .names import resolve_tracking_uri
 
 SUMMARY_METRICS = ("rank1", "rank5", "mAP", "mINP")
 THROUGHPUT_METRIC = "throughput/images_per_s"
@@ -49,7 +49,9 @@ class Comparison:
     def table(self) -> str:
         """The table as aligned text columns."""
         widths = [max(len(c), *(len(r[i]) for r in self.rows)) for i, c in enumerate(self.columns)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
         rule = "  ".join("-" * w for w in widths)
         return "\n".join([line(self.columns), rule, *(line(r) for r in self.rows)])
 
