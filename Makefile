@@ -9,8 +9,9 @@ DEMO_DIR ?= demo_out
 .PHONY: venv system-deps demo test test-fast bench lint clean
 
 # Idempotent: re-running only installs what is missing. torch is pinned HERE (a CPU wheel is
-# available locally; an unpinned torch pulls a multi-GB CUDA build). DeepSpeed's sdist imports torch
-# while building, so it goes in after torch without build isolation.
+# available locally; an unpinned torch pulls a multi-GB CUDA build). DeepSpeed (the `deepspeed`
+# extra: engine.backend=deepspeed, which the tests train with) imports torch while building, so it
+# goes in after torch without build isolation.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
@@ -28,10 +29,14 @@ system-deps:
 demo: venv
 	$(PY) launch/demo.py --out $(DEMO_DIR)
 
-test: venv system-deps
+# ruff, configured in pyproject.toml ([tool.ruff]); `make test` runs it first.
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv system-deps lint
 	$(PY) -m pytest -q tests
 
-test-fast: venv
+test-fast: venv lint
 	$(PY) -m pytest -q tests -m "not slow and not slurm"
 
 bench: venv

@@ -332,7 +332,8 @@ def estimate_8gb(results: dict, sizes: list[tuple[int, int]], dim: int, summary:
             model = "4·Q·G + c + b·N"
 
         def total(n: float) -> float:
-            return interpreter + inputs(n) + a * n * n + max(b, 0.0) * n + max(c, 0.0)
+            # used within this iteration only: binding the loop variables late is intended
+            return interpreter + inputs(n) + a * n * n + max(b, 0.0) * n + max(c, 0.0)  # noqa: B023
 
         lo, hi = 1.0, 1e8                       # total() grows with n: bisect for 8 GB
         while hi - lo > 1:

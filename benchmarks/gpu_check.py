@@ -598,7 +598,8 @@ def print_summary(report: dict) -> None:
                 continue
             lines.append(f"  {name:30s} {fmt(part['seconds'], '.3f', ' s')}"
                          + (" (scaled)" if part.get("scaled_to_all_queries") else "")
-                         + (f", peak {fmt(part['peak_gpu_mem_gib'], '.2f', ' GiB')}" if part.get("peak_gpu_mem_gib") is not None else "")
+                         + (f", peak {fmt(part['peak_gpu_mem_gib'], '.2f', ' GiB')}"
+                            if part.get("peak_gpu_mem_gib") is not None else "")
                          + (f", mAP {part['mAP']:.3f}" if part.get("mAP") is not None else ""))
     if "error" in ev:
         lines.append("evaluation: " + ev["error"].splitlines()[0])

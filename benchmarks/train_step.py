@@ -4,7 +4,8 @@ Ours: the real `Trainer.train_step` (shard stream → device augmentation → mo
 global N×N mining → global/local/ID losses → backward → optimiser step), fed by `train_batches`.
 Baseline, same run, same model and batch size: "compute only" — forward + backward + step of the model
 (DDP gradient all-reduce included) with a plain per-rank cross-entropy on a batch already in memory
-(no data loading, no gather, no triplet/DP). The ratio ours/baseline is the share of pure compute the whole pipeline keeps.
+(no data loading, no gather, no triplet/DP). The ratio ours/baseline is the share of pure compute the whole
+pipeline keeps.
 
 Also printed: the share of step time spent waiting for data, in the loss's communication (gathers),
 and in the loss itself.

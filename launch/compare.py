@@ -1,43 +1,10 @@
-"""Compare the MLflow runs of one experiment: a table of the params that differ and the results,
-best first, plus PNG plots of the chosen metric and of the loss curves.
-
-    python launch/compare.py --experiment alignedreid --metric mAP \
-        --filter "params.model.backbone = 'resnet50'" --out compare_out
-
-The store is --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (as for training).
-"""
-from __future__ import annotations
-
-import argparse
+"""`reid-compare` from a source checkout: see pipeline/cli/compare.py (`python launch/compare.py --help`)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.tracking.compare import compare_runs  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
-    parser.add_argument("--metric", default="mAP", help="metric to sort and plot by (default: mAP)")
-    parser.add_argument("--filter", default=None, help="MLflow search filter, e.g. \"params.data.p = '16'\"")
-    parser.add_argument("--out", default=None, help="directory for runs.csv and the PNG plots")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store or server URI")
-    args = parser.parse_args(argv)
-    try:
-        result = compare_runs(args.experiment, metric=args.metric, filter_string=args.filter,
-                              out_dir=args.out, tracking_uri=args.tracking_uri)
-    except ValueError as exc:
-        print(f"compare: {exc}", file=sys.stderr)
-        return 2
-    print(f"{len(result.runs)} run(s) of '{result.experiment}' at {result.tracking_uri}, "
-          f"sorted by {result.metric_key}")
-    print(result.table())
-    for path in result.files:
-        print(f"wrote {path}")
-    return 0
-
+from pipeline.cli.compare import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

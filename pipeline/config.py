@@ -2,7 +2,7 @@
 
 One loader for every entry point::
 
-    cfg = load_config("configs/demo.yaml", overrides=["data.p=8", "train.lr=3e-4"])
+    cfg = load_config("configs/demo.yaml", overrides=["data.p=8", "train.lr=3e-4"])   # or load_config("demo")
     cfg.data.p            # 8
     cfg.to_dict()         # plain nested dict (for MLflow params, checkpoints)
 
@@ -304,14 +304,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def resolve_recipe(path: str | Path) -> Path:
+    """A config file: `path` itself when it exists, else the shipped recipe of that name (`demo`,
+    `market1501.yaml`, ...; pipeline/recipes, which a source checkout also has as configs/)."""
+    from . import recipes
+
+    if Path(path).is_file():
+        return Path(path)
+    shipped = recipes.path(str(path))
+    if shipped is None:
+        raise ConfigError(f"config file not found: {path} (nor a shipped recipe of that name: "
+                          f"{', '.join(recipes.names())})")
+    return shipped
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config from a YAML file (or a shipped recipe's name) with `key.sub=value` overrides, checked
+    by validate."""
     tree: dict = {}
     source = "<defaults>"
     if path is not None:
-        path = Path(path)
+        path = resolve_recipe(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -26,7 +26,6 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from pipeline.data.transforms import normalize, resize
 from pipeline.fileio import atomic_path
 from pipeline.checkpoint import model_from_checkpoint, resolve_checkpoint  # noqa: F401 (resolve_checkpoint: public here too)
 
-ImageInput = Union[str, Path, Image.Image, torch.Tensor, np.ndarray]
+ImageInput = str | Path | Image.Image | torch.Tensor | np.ndarray
 DEFAULT_IMAGE_SIZE = (256, 128)
 
 
@@ -138,7 +137,7 @@ class FeatureExtractor:
 
     @classmethod
     def from_network(cls, model: nn.Module, info: dict, image_size: Sequence[int],
-                     device: str | torch.device = "cpu", batch_size: int = 64) -> "FeatureExtractor":
+                     device: str | torch.device = "cpu", batch_size: int = 64) -> FeatureExtractor:
         """An extractor around an already built network (eval forward -> [N, D]); pipeline.serving
         uses it so that a served model computes exactly what this class computes."""
         extractor = cls.__new__(cls)

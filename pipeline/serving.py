@@ -132,7 +132,7 @@ def _artifact_files(model_dir: Path, source: str) -> dict[str, Path]:
     listed = (((meta or {}).get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}
     missing = [name for name in _FILES if not isinstance(listed.get(name), dict)]
     if missing:
-        flavors = sorted(((meta or {}).get("flavors") or {}))
+        flavors = sorted((meta or {}).get("flavors") or {})
         raise ValueError(f"{source}: this MLflow model lacks the {missing} artifact(s) (flavors {flavors}, "
                          f"pyfunc artifacts {sorted(listed)}); it was not logged by "
                          f"pipeline.tracking.Tracker.log_model (models pickled with mlflow.pytorch by "

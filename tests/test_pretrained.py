@@ -37,8 +37,8 @@ import torch
 
 from gloo_ranks import free_port, run_ranks
 from pipeline.config import load_config
-from pipeline.model import (IMAGENET_URLS, PretrainedWeightsError, ResNet, fetch_pretrained, fetch_pretrained_once_per_node,
-                            load_pretrained, pretrained_cache_path)
+from pipeline.model import (IMAGENET_URLS, PretrainedWeightsError, ResNet, fetch_pretrained,
+                            fetch_pretrained_once_per_node, load_pretrained, pretrained_cache_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 

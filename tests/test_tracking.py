@@ -153,7 +153,8 @@ def test_two_gloo_ranks_record_one_run(tmp_path):
     assert steps(client, run_id, "loss/total") == list(range(1, 21))
     assert {m.value for m in client.get_metric_history(run_id, "throughput/images_per_s")} == {100.0}  # rank 0's
     assert run.data.metrics["eval/mAP"] == pytest.approx(0.8) and run.data.metrics["eval/mINP"] == pytest.approx(0.5)
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+    artifacts = ({a.path for a in client.list_artifacts(run_id)}
+                 | {a.path for a in client.list_artifacts(run_id, "plots")})
     assert {"config.yaml", "plots/cmc-rank0.png"} <= artifacts and "plots/cmc-rank1.png" not in artifacts
     local = tmp_path / "rank0" / "tracking"
     assert len((local / "metrics.jsonl").read_text().splitlines()) == 21

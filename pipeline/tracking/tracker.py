@@ -219,7 +219,8 @@ class Tracker:
     # ---------------------------------------------------------------------------------------------
     def _require_running(self, what: str) -> None:
         if self._state != "running":
-            raise RuntimeError(f"Tracker.{what}() called {'before start()' if self._state == 'new' else 'after finish()'}")
+            when = "before start()" if self._state == "new" else "after finish()"
+            raise RuntimeError(f"Tracker.{what}() called {when}")
 
     def _record(self, values: dict[str, float], step: int) -> None:
         timestamp = int(time.time() * 1000)

@@ -163,7 +163,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                                              start_new_session=True)
         log.close()
 
-    def start(self, timeout: float = 60.0) -> "LocalSlurmCluster":
+    def start(self, timeout: float = 60.0) -> LocalSlurmCluster:
         """Write the configuration, start the daemons and wait until every node is idle."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_config()
@@ -257,7 +257,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         psutil.wait_procs(leftovers, timeout=5)
         self._procs.clear()
 
-    def __enter__(self) -> "LocalSlurmCluster":
+    def __enter__(self) -> LocalSlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
