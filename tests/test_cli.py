@@ -3,6 +3,7 @@ by name, logging configured by the entry points, and the launch/ wrappers as thi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -33,8 +34,14 @@ def _env(**extra: str) -> dict[str, str]:
 def test_wheel_installs_console_scripts_that_work_from_any_folder(tmp_path):
     """Build the wheel from the checkout, check its entry points and recipes, install it into a folder
     of its own and run `reid-train --help` and `reid-evaluate --help` from elsewhere with that copy."""
+    # From a copy of what the build reads: setuptools leaves build/ and *.egg-info in the source tree.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "pipeline", source / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    proc = subprocess.run([PY, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    proc = subprocess.run([PY, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(wheels)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
