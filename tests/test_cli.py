@@ -105,7 +105,7 @@ def test_training_logs_the_pretrained_report_on_stderr(tiny_shards, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                           timeout=170)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"[rank 0] INFO pipeline.model.backbone: pretrained weights from {weights}: " in proc.stderr
+    assert f"[rank 0] INFO pipeline.model.pretrained: pretrained weights from {weights}: " in proc.stderr
 
 
 def test_launch_scripts_are_thin_wrappers():

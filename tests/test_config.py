@@ -48,7 +48,8 @@ def test_yaml_file_then_overrides(tmp_path):
     (["data=3"], "must be a mapping"),
     (["train.lr.x=3"], "is a value, not a section"),
     (["engine.backend=deepspeed", "train.nan_policy=skip"], "'train.nan_policy' is skip"),
-    (["engine.backend=deepspeed", "engine.deepspeed.zero_optimization.stage=3"], "'engine.deepspeed.zero_optimization.stage' is 3"),
+    (["engine.backend=deepspeed", "engine.deepspeed.zero_optimization.stage=3"],
+     "'engine.deepspeed.zero_optimization.stage' is 3"),
     (["train.deterministic=true"], "unknown key 'train.deterministic'"),
 ])
 def test_bad_values_name_the_key(override, fragment):

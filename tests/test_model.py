@@ -159,7 +159,7 @@ def test_pretrained_from_file_and_url(tmp_path: Path, caplog: pytest.LogCaptureF
     partial["head.extra.weight"] = torch.zeros(3)
     partial_path = tmp_path / "partial.pth"
     torch.save(partial, partial_path)
-    with caplog.at_level(logging.WARNING, logger="pipeline.model.backbone"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.pretrained"):
         report = load_pretrained(ResNet("resnet18"), str(partial_path))
     assert report.missing == ["layer2.0.conv1.weight"] and report.unexpected == ["head.extra.weight"]
     assert "layer2.0.conv1.weight" in caplog.text and "head.extra.weight" in caplog.text

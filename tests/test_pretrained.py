@@ -231,7 +231,7 @@ def test_url_without_hash_warns_and_sha256_fragment_checks(server, hub_cache, ca
     _, data, state = weights_file()
     digest = hashlib.sha256(data).hexdigest()
     server.files["/plain.pth"] = data
-    with caplog.at_level(logging.WARNING, logger="pipeline.model.backbone"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.pretrained"):
         net = ResNet("resnet18", width=8)
         load_pretrained(net, server.url("/plain.pth"))
     assert_loaded(net, state)
@@ -239,7 +239,7 @@ def test_url_without_hash_warns_and_sha256_fragment_checks(server, hub_cache, ca
 
     server.files["/explicit.pth"] = server.files["/wrong.pth"] = data
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.model.backbone"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.pretrained"):
         assert fetch_pretrained(server.url(f"/explicit.pth#sha256={digest}")) == hub_cache / "explicit.pth"
     assert "cannot be verified" not in caplog.text
     with pytest.raises(PretrainedWeightsError, match="does not start with the expected 00000000"):

@@ -37,8 +37,7 @@ from ..data import load_manifest, train_batches
 from ..data.stream import epoch_steps
 from ..data.transforms import TrainAugment
 from ..losses import AlignedReIDCriterion
-from ..model import MutualPair, build_model
-from ..model.backbone import fetch_pretrained_once_per_node
+from ..model import MutualPair, build_model, fetch_pretrained_once_per_node
 from ..tracking import Tracker
 from .backend import build_backend
 from .preemption import Preempted, PreemptionSignals, clear_marker, write_marker

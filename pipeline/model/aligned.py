@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .backbone import LoadReport, ResNet, load_pretrained
+from .backbone import ResNet
+from .pretrained import LoadReport, load_pretrained
 
 log = logging.getLogger(__name__)
 
