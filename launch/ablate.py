@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every training")
     args = ap.parse_intermixed_args(argv)
 
+    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the running training is asked to checkpoint
+    # and the parent MLflow run is marked KILLED, so the same command resumes later.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # Bounded MLflow calls in this process (training processes bound their own: pipeline/tracking.py).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -153,6 +153,8 @@ def test_refusals_before_any_training(tmp_path, tiny_shards):
         run_ablation(opts(shards=tmp_path / "nowhere"), log=lambda _: None)
     with pytest.raises(AblationError, match="not both"):
         run_ablation(opts(shards=tiny_shards, levels=[0.0]), log=lambda _: None)
+    with pytest.raises(AblationError, match="drop the data.shards override"):
+        run_ablation(opts(levels=[0.0], overrides=["data.shards=/x"]), log=lambda _: None)
     with pytest.raises(AblationError, match="must include global and aligned"):
         run_ablation(opts(levels=[0.0], variants=["aligned", "mutual"]), log=lambda _: None)
     with pytest.raises(AblationError, match="the recipe with your overrides: .*train.lr"):
@@ -170,6 +172,33 @@ def test_refusals_before_any_training(tmp_path, tiny_shards):
                                             r"train\.lr: 0\.5 -> 0\.001.*its overrides: train\.lr=0\.5"):
         run_ablation(opts(shards=tiny_shards), log=lambda _: None)
     assert not (run_dir / "train.log").exists()
+
+
+def test_cached_forward_gives_the_same_results(tiny_shards):
+    """The four test variants through the memoised network equal evaluate() on the network itself,
+    and the network runs once per image."""
+    import torch
+
+    from pipeline.ablation import cached_forward
+    from pipeline.config import ModelConfig
+    from pipeline.evaluation import evaluate
+    from pipeline.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(backbone="resnet18", last_stride=1), num_classes=12).eval()
+    calls = []
+    net.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    cached = cached_forward(net, with_local=True)
+    kwargs = dict(image_size=(64, 32), batch_size=64, plots=False, progress=False)
+    for key, (_, distance, rerank) in TEST_VARIANTS.items():
+        plain = evaluate(net, tiny_shards, distance=distance, rerank=rerank, **kwargs)
+        n_plain = sum(calls)
+        calls.clear()
+        memo = evaluate(cached, tiny_shards, distance=distance, rerank=rerank, **kwargs)
+        for metric in ("rank1", "mAP", "mINP"):
+            assert memo[metric] == pytest.approx(plain[metric], abs=1e-6), (key, metric)
+        assert sum(calls) == (n_plain if key == "global" else 0)    # computed once, then read back
+        calls.clear()
 
 
 def _curve_blocks() -> dict:
@@ -297,6 +326,31 @@ def test_ablation_end_to_end(tiny_shards, tmp_path):
     assert refused.returncode == 2
     assert "was trained with other settings" in refused.stderr and "train.lr: 0.001 -> 0.0005" in refused.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/train.log")} == logs
+
+    # a training that did not finish (no summary.json; its checkpoint is there) is re-launched with the
+    # same command and resumes; its missing test results are recomputed, identical
+    crashed = out / "global" / "seed1"
+    (crashed / "summary.json").unlink()
+    for path in crashed.glob("test_*.json"):
+        path.unlink()
+    resumed = ablate(tmp_path, *args)
+    assert ok(resumed) == report
+    assert "[3/4] global seed 1: training (resuming)" in resumed.stdout
+    assert resumed.stdout.count("already trained") == 3
+    assert (crashed / "train.log").read_text().count("\n=== ") == 2       # one header per launch
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_failed_training_stops_with_its_log(tiny_shards, tmp_path):
+    out = tmp_path / "abl"
+    proc = ablate(tmp_path, "--shards", str(tiny_shards), "--seed-list", "0", "--variants", "global,aligned",
+                  "--out", str(out), "train.epochs=1", "data.p=40", "tracking.enabled=false", timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    log = out / "global" / "seed0" / "train.log"
+    assert "[1/2] global seed 0: training" in proc.stdout and "[2/2]" not in proc.stdout
+    assert "training failed with exit status" in proc.stderr and f"(full log: {log})" in proc.stderr
+    assert log.read_text().strip().splitlines()[-1] in proc.stderr       # the log's tail is shown
 
 
 @pytest.mark.slow
