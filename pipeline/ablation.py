@@ -743,7 +743,7 @@ class AblationTracking:
 
 def parent_metrics(report: dict) -> dict[str, float]:
     """The table as parent-run metrics: <variant>/<test>/<metric>_mean|_std and gain/<key>/<metric>_...,
-    prefixed with the block name (misalign-<level>/) when there are several data sets."""
+    prefixed with misalign-<level>/ for the blocks of the misalignment curve."""
     out = {}
     for name, block in report["blocks"].items():
         prefix = f"{name}/" if block["misalign"] is not None else ""
