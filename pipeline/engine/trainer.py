@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed as D
-from ..config import Config, dump_config
+from ..config import Config, dump_config, flatten
 from ..data import load_manifest, train_batches
 from ..data.stream import epoch_steps
 from ..data.transforms import TrainAugment
@@ -211,6 +211,8 @@ class Trainer:
             "device": self.device.type,
             "dataset_manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
             "dataset_format": str(self.manifest.get("source_format", "unknown")),
+            # tracking.tags last: e.g. mlflow.parentRunId (launch/ablate.py nests its runs this way)
+            **{key: str(value) for key, value in flatten(self.cfg.tracking.tags).items()},
         }
 
     def _run_id(self) -> str | None:
