@@ -85,6 +85,46 @@ def test_local_distance_matches_brute_force(m: int, n: int, chunk_size: int | No
     torch.testing.assert_close(got.detach(), expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("m,n", [(8, 8), (3, 7), (7, 3), (1, 5), (6, 1)])
+@pytest.mark.parametrize("chunk_size", [1, 7, 12, 40, None])
+def test_local_distance_blocks_match_brute_force(m: int, n: int, chunk_size: int | None) -> None:
+    """Ragged tilings (tiles of unequal size, one-row and one-column tiles, a single tile) and both
+    orientations (m > n is computed transposed) give the brute-force answer, with and without autograd."""
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + (chunk_size or 0))
+    x = torch.randn(11, m, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(13, n, 6, generator=gen, dtype=torch.float64)
+    expected = brute_local_distance(x, y)
+    torch.testing.assert_close(local_distance(x, y, chunk_size=chunk_size), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(local_distance(y, x, chunk_size=chunk_size), expected.t(), rtol=1e-9, atol=1e-9)
+    got = local_distance(x, y.clone().requires_grad_(), chunk_size=chunk_size)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_local_distance_threads_and_views() -> None:
+    """Same answer with one and with several threads (blocks are then spread over worker threads),
+    for non-contiguous inputs; the caller's thread count is restored afterwards."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(23, 128, 5, generator=gen).relu().transpose(1, 2)    # [23, 5, 128], strided
+    y = torch.randn(31, 7, 128, generator=gen).relu()[::2]                 # [16, 7, 128], strided
+    expected = brute_local_distance(x, y).float()
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got = local_distance(x, y, chunk_size=10)
+            assert torch.get_num_threads() == threads
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(local_distance(y, x, chunk_size=10), expected.t(), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_local_distance_empty_sides() -> None:
+    x, y = torch.randn(0, 4, 8), torch.randn(3, 5, 8)
+    assert local_distance(x, y).shape == (0, 3) and local_distance(y, x).shape == (3, 0)
+
+
 def test_local_distance_float32_and_identical_stripes() -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 8, 128, generator=gen).relu()
