@@ -95,7 +95,8 @@ def test_local_distance_blocks_match_brute_force(m: int, n: int, chunk_size: int
     y = torch.randn(13, n, 6, generator=gen, dtype=torch.float64)
     expected = brute_local_distance(x, y)
     torch.testing.assert_close(local_distance(x, y, chunk_size=chunk_size), expected, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(local_distance(y, x, chunk_size=chunk_size), expected.t(), rtol=1e-9, atol=1e-9)
+    swapped = local_distance(y, x, chunk_size=chunk_size)
+    torch.testing.assert_close(swapped, expected.t(), rtol=1e-9, atol=1e-9)
     got = local_distance(x, y.clone().requires_grad_(), chunk_size=chunk_size)
     assert got.requires_grad
     torch.testing.assert_close(got.detach(), expected, rtol=1e-9, atol=1e-9)
@@ -115,9 +116,40 @@ def test_local_distance_threads_and_views() -> None:
             got = local_distance(x, y, chunk_size=10)
             assert torch.get_num_threads() == threads
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-            torch.testing.assert_close(local_distance(y, x, chunk_size=10), expected.t(), rtol=1e-5, atol=1e-4)
+            swapped = local_distance(y, x, chunk_size=10)
+            torch.testing.assert_close(swapped, expected.t(), rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_local_distance_blocks_share_no_state(threads: int) -> None:
+    """Blocks reuse buffers: blocks of near-identical images (short paths) followed by blocks of far ones
+    (long paths) must not see the earlier blocks' values."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 8, 16, generator=gen, dtype=torch.float64)
+    # near, not identical: no |a|^2 + |b|^2 - 2ab cancellation to tolerate
+    near = x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    far = x + 10.0
+    y = torch.stack([near[0], far[0], near[1], far[1], near[2], far[2]] * 2)
+    expected = brute_local_distance(x, y)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for chunk_size in (1, 2, 3):
+            got = local_distance(x, y, chunk_size=chunk_size)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_local_distance_inference_mode() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(9, 4, 8, generator=gen), torch.randn(7, 6, 8, generator=gen)
+    expected = local_distance(x, y, chunk_size=4)
+    with torch.inference_mode():
+        got = local_distance(x.clone(), y.clone(), chunk_size=4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_local_distance_empty_sides() -> None:
