@@ -30,6 +30,7 @@ import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -218,18 +219,34 @@ def _tiles(total: int, step: int) -> list[tuple[int, int]]:
     return [(start, size + (t < extra)) for t, start in enumerate(starts)]
 
 
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[int]:
+    """torch's intra-op thread count is `count` inside (the caller's again after); yields the caller's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run_blocks(workers: int, tiles: Iterator, run, progress_bar) -> None:
     """run(slot, tile_a, tile_b) for every tile pair on `workers` threads (slot 0 is the caller's), each
-    taking the next pair when done, with torch's intra-op thread count 1 meanwhile (restored after) and
-    the caller's inference mode. Pairs go out row by row, so a worker mostly keeps its tile_a."""
+    taking the next pair when done, with one intra-op thread each and the caller's inference mode.
+    Pairs go out row by row, so a worker mostly keeps its tile_a."""
+    if workers == 1:
+        for tile_a, tile_b in tiles:
+            run(0, tile_a, tile_b)
+            progress_bar.update()
+        return
     lock, failed = threading.Lock(), threading.Event()
     todo = iter(tiles)
     inference = torch.is_inference_mode_enabled()   # grad modes are per thread: the caller's for all
 
     def worker(slot: int) -> None:
-        if slot:  # a fresh thread: its ops on one thread too
-            torch.set_num_threads(1)
         try:
+            if slot:  # a fresh thread
+                torch.set_num_threads(1)
             with torch.inference_mode(inference), torch.no_grad():
                 while not failed.is_set():
                     with lock:
@@ -243,19 +260,14 @@ def _run_blocks(workers: int, tiles: Iterator, run, progress_bar) -> None:
             failed.set()   # the others stop after their current block
             raise
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers - 1, thread_name_prefix="local_distance") as pool:
-            helpers = [pool.submit(worker, slot) for slot in range(1, workers)]
-            try:
-                worker(0)
-            finally:
-                wait(helpers)
-            for helper in helpers:
-                helper.result()   # re-raises a helper's exception
-    finally:
-        torch.set_num_threads(threads)
+    with ThreadPoolExecutor(workers - 1, thread_name_prefix="local_distance") as pool:
+        helpers = [pool.submit(worker, slot) for slot in range(1, workers)]
+        try:
+            worker(0)
+        finally:
+            wait(helpers)
+        for helper in helpers:
+            helper.result()   # re-raises a helper's exception
 
 
 def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None,
@@ -266,9 +278,9 @@ def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = No
     pairs at m = n = 8, 1 MB of float32: cache-sized; 2^20 cells elsewhere), so memory beyond the [M, N]
     result is bounded whatever M and N are (Market-1501's 3,368 x 15,913 included): one block's buffers
     per worker thread. Blocks are near-square tiles of near-equal size so each block's matmul reuses both
-    operands. On the CPU the blocks run on torch.get_num_threads() worker threads, with torch's intra-op
-    thread count set to 1 for the duration of the call (see the module docstring). Differentiable (the
-    result is then assembled with torch.cat, blocks in turn)."""
+    operands. On the CPU the blocks run on torch.get_num_threads() threads (the caller's and helpers),
+    with torch's intra-op thread count set to 1 for the duration of the call (see the module docstring).
+    Differentiable (the result is then assembled with torch.cat, blocks in turn)."""
     _check_stripes(x, y, "local_distance")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"local_distance: chunk_size is {chunk_size}; must be >= 1 (pairs per block)")
@@ -301,23 +313,19 @@ def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = No
         out = torch.cat(rows, dim=0)
         return out.t() if swap else out
 
-    with torch.no_grad():
+    # On the CPU everything from here runs on one intra-op thread per worker (module docstring).
+    with torch.no_grad(), _intra_op_threads(1) if cpu else nullcontext(1) as threads:
         rows_a, rows_b = a.transpose(0, 1), b.transpose(0, 1)    # stripe-major views [m, A, c], [n, B, c]
         sq_a, sq_b = rows_a.pow(2).sum(-1), rows_b.pow(2).sum(-1)
         out = x.new_empty(x.shape[0], y.shape[0])
         out_ab = out.t() if swap else out
-        workers = min(torch.get_num_threads(), blocks) if cpu else 1
+        workers = min(threads, blocks)
         spaces = [_Workspace(m, n, c, tiles_a[0][1], tiles_b[0][1], a) for _ in range(workers)]
 
         def run(slot: int, tile_a: tuple[int, int], tile_b: tuple[int, int]) -> None:
             spaces[slot].block(rows_a, sq_a, rows_b, sq_b, tile_a, tile_b, out_ab)
 
-        if workers > 1:
-            _run_blocks(workers, tiles, run, progress_bar)
-        else:
-            for tile_a, tile_b in tiles:
-                run(0, tile_a, tile_b)
-                progress_bar.update()
+        _run_blocks(workers, tiles, run, progress_bar)
         progress_bar.close()
     return out
 
