@@ -6,7 +6,7 @@ What makes this fast enough for test time on a Market-size query x gallery matri
 * The dynamic programme walks the anti-diagonals (wavefront): every cell of diagonal k depends only on
   diagonal k-1, so one vectorised step per diagonal covers all cells of it for every pair at once,
   m + n - 1 Python steps in all (the reproductions loop over all m * n cells).
-* `local_distance` works in blocks (on the CPU of 1 MB of float32 cells: cache-sized). Per block: one
+* `local_distance` works in blocks (on the CPU of 2 MB of float32 cells: cache-sized). Per block: one
   matrix product of augmented stripe-major rows [-2a, |a|^2, 1] x [b, 1, |b|^2] gives the squared stripe
   distances; one clamp pass also lays them out as a contiguous [m, n, pairs] grid (each cell a
   contiguous slab over the block's pairs, each diagonal a strided view of whole slabs); the element
@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 EPS = 1e-12
-DEFAULT_CHUNK_CELLS = 1 << 18   # grid cells per block in local_distance on the CPU: 1 MB of float32
+DEFAULT_CHUNK_CELLS = 1 << 19   # grid cells per block in local_distance on the CPU: 2 MB of float32
 DEFAULT_CHUNK_CELLS_DEVICE = 1 << 20   # on other devices (the former default everywhere, 16,384 pairs at 8x8)
 
 
@@ -274,8 +274,8 @@ def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = No
                    progress: bool = False) -> torch.Tensor:
     """Aligned local distance of every x against every y: x [M, m, c], y [N, n, c] -> [M, N].
 
-    Works in blocks of about `chunk_size` (x, y) pairs (default on the CPU: 2^18 grid cells, i.e. 4,096
-    pairs at m = n = 8, 1 MB of float32: cache-sized; 2^20 cells elsewhere), so memory beyond the [M, N]
+    Works in blocks of about `chunk_size` (x, y) pairs (default on the CPU: 2^19 grid cells, i.e. 8,192
+    pairs at m = n = 8, 2 MB of float32: cache-sized; 2^20 cells elsewhere), so memory beyond the [M, N]
     result is bounded whatever M and N are (Market-1501's 3,368 x 15,913 included): one block's buffers
     per worker thread. Blocks are near-square tiles of near-equal size so each block's matmul reuses both
     operands. On the CPU the blocks run on torch.get_num_threads() threads (the caller's and helpers),
