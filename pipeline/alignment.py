@@ -219,15 +219,22 @@ def _tiles(total: int, step: int) -> list[tuple[int, int]]:
     return [(start, size + (t < extra)) for t, start in enumerate(starts)]
 
 
+_cpu_calls = threading.Lock()   # one CPU local_distance at a time (see _one_intra_op_thread)
+
+
 @contextmanager
-def _intra_op_threads(count: int) -> Iterator[int]:
-    """torch's intra-op thread count is `count` inside (the caller's again after); yields the caller's."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield before
-    finally:
-        torch.set_num_threads(before)
+def _one_intra_op_thread() -> Iterator[int]:
+    """torch's intra-op thread count is 1 inside (the count before is yielded, and back after). One
+    caller at a time: the count is process-wide (MKL's, torch's default for new threads) besides per
+    thread (OpenMP's), so overlapping callers would save and restore each other's temporary 1, and
+    each call uses all the threads anyway."""
+    with _cpu_calls:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield before
+        finally:
+            torch.set_num_threads(before)
 
 
 def _run_blocks(workers: int, tiles: Iterator, run, progress_bar) -> None:
@@ -279,7 +286,8 @@ def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = No
     result is bounded whatever M and N are (Market-1501's 3,368 x 15,913 included): one block's buffers
     per worker thread. Blocks are near-square tiles of near-equal size so each block's matmul reuses both
     operands. On the CPU the blocks run on torch.get_num_threads() threads (the caller's and helpers),
-    with torch's intra-op thread count set to 1 for the duration of the call (see the module docstring).
+    with torch's intra-op thread count set to 1 for the duration of the call (see the module docstring);
+    CPU calls from several threads at once take turns.
     Differentiable (the result is then assembled with torch.cat, blocks in turn)."""
     _check_stripes(x, y, "local_distance")
     if chunk_size is not None and chunk_size < 1:
@@ -314,7 +322,7 @@ def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = No
         return out.t() if swap else out
 
     # On the CPU everything from here runs on one intra-op thread per worker (module docstring).
-    with torch.no_grad(), _intra_op_threads(1) if cpu else nullcontext(1) as threads:
+    with torch.no_grad(), _one_intra_op_thread() if cpu else nullcontext(1) as threads:
         rows_a, rows_b = a.transpose(0, 1), b.transpose(0, 1)    # stripe-major views [m, A, c], [n, B, c]
         sq_a, sq_b = rows_a.pow(2).sum(-1), rows_b.pow(2).sum(-1)
         out = x.new_empty(x.shape[0], y.shape[0])

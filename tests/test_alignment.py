@@ -3,6 +3,8 @@ recurrence and per-pair loops), for square and non-square grids, with and withou
 gradchecks in float64."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -141,6 +143,30 @@ def test_local_distance_blocks_share_no_state(threads: int) -> None:
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
     finally:
         torch.set_num_threads(before)
+
+
+def test_local_distance_concurrent_callers_restore_threads() -> None:
+    """Calls from several threads at once (they take turns) all get the right answer, and the thread
+    count they found is back afterwards, in the callers' threads and the main one (not a call's
+    temporary 1)."""
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(20, 4, 8, generator=gen), torch.randn(30, 5, 8, generator=gen)
+    expected = local_distance(x, y, chunk_size=7)
+
+    def call(_: int) -> tuple[torch.Tensor, int]:
+        return local_distance(x, y, chunk_size=7), torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(call, range(16)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for got, threads in results:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert threads == 2
 
 
 def test_local_distance_inference_mode() -> None:
