@@ -8,10 +8,11 @@ Ours: wavefront DP (m + n - 1 vectorised steps), one augmented matmul per cache-
 distance in place, blocks spread over worker threads (see pipeline/alignment.py).
 
 Time: per size, --repeat rounds, each timing one baseline call and one of ours back to back (order
-alternating between rounds), after one untimed call of each; printed are the median time of each side
-and the median of the per-round ratios (with their range), so drifting load on a shared machine hits
-both sides alike. Both sides get the same thread count (--threads: torch's intra-op threads and, through
-threadpoolctl when installed, OpenBLAS's).
+alternating between rounds), after one untimed call of each; printed are the median wall time of each
+side and the median of the per-round ratios (with their range), so drifting load on a shared machine
+hits both sides alike, and each side's median CPU time per call (all its threads). Both sides get the
+same thread count (--threads: torch's intra-op threads and, through threadpoolctl when installed,
+OpenBLAS's).
 
 Memory (largest size only): each side runs once in a fresh subprocess; the kernel's peak-RSS counter is
 reset (/proc/self/clear_refs = 5) right before the call and the peak RSS delta (VmHWM after - VmRSS
@@ -181,15 +182,18 @@ def side_by_side(args: argparse.Namespace, queries: int, gallery: int, repeat: i
     sides = {"baseline": lambda: baseline_local_distance(x, y, args.block),
              "ours": lambda: local_distance(xt, yt, chunk_size=args.chunk_size).numpy()}
     times: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     results = {name: run() for name, run in sides.items()}   # untimed: warm-up, and the answers
     for r in range(repeat):
         for name in (("baseline", "ours") if r % 2 == 0 else ("ours", "baseline")):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             sides[name]()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     ratios = [b / o for b, o in zip(times["baseline"], times["ours"])]
     return {"baseline": statistics.median(times["baseline"]), "ours": statistics.median(times["ours"]),
             "ratio": statistics.median(ratios), "ratio_range": (min(ratios), max(ratios)),
+            "cpu": (statistics.median(cpu["baseline"]), statistics.median(cpu["ours"])),
             "diff": float(np.abs(results["baseline"] - results["ours"]).max())}
 
 
@@ -202,17 +206,20 @@ def main() -> None:
     threads = set_threads(args.threads)
     print(f"aligned local distance, m = n = {args.stripes}, c = {args.dim}, float32, CPU; {threads}; "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
-    print(f"{'size':>14}{'pairs':>13}{'baseline (s)':>14}{'ours (s)':>10}{'ratio':>8}   "
-          f"{'ratio range':>12}{'rounds':>8}{'max |diff|':>12}", flush=True)
+    print(f"{'size':>12}{'pairs':>11}{'baseline s':>12}{'ours s':>8}{'ratio':>8}{'range':>12}{'rounds':>7}"
+          f"{'CPU s: base':>13}{'ours':>7}{'max |diff|':>11}", flush=True)
     for queries, gallery in sizes:
         pairs = queries * gallery
         repeat = args.repeat or (7 if pairs < 1_000_000 else 3)
         fig = side_by_side(args, queries, gallery, repeat)
         spread = "{:.2f}-{:.2f}".format(*fig["ratio_range"])
-        print(f"{f'{queries} x {gallery}':>14}{pairs:>13,}{fig['baseline']:>14.3f}{fig['ours']:>10.3f}"
-              f"{fig['ratio']:>7.2f}x   {spread:>12}{repeat:>8}{fig['diff']:>12.1e}", flush=True)
-    print(f"load average {os.getloadavg()[0]:.1f} at the end; ratio = median over rounds of baseline/ours "
-          "(one call of each per round, order alternating); goal >= 3x", flush=True)
+        print(f"{f'{queries}x{gallery}':>12}{pairs:>11,}{fig['baseline']:>12.3f}{fig['ours']:>8.3f}"
+              f"{fig['ratio']:>7.2f}x{spread:>12}{repeat:>7}{fig['cpu'][0]:>13.3f}{fig['cpu'][1]:>7.3f}"
+              f"{fig['diff']:>11.1e}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end. ratio: median over rounds of baseline/ours "
+          "wall time (one call of each per round, order alternating), range: its min-max; goal >= 3x. CPU s: "
+          "median process CPU time per call, all threads (on a busy machine the wall ratio follows it)",
+          flush=True)
     if not args.no_memory:
         queries, gallery = max(sizes, key=lambda s: s[0] * s[1])
         base, ours = (launch(side, args, queries, gallery) for side in ("numpy", "torch"))
