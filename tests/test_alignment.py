@@ -169,6 +169,29 @@ def test_local_distance_concurrent_callers_restore_threads() -> None:
         assert threads == 2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_local_distance_block_error_propagates(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in a block (on any worker) reaches the caller, and the thread count is restored."""
+    import pipeline.alignment as alignment
+
+    real_block = alignment._Workspace.block
+
+    def failing_block(self, *args, **kwargs):
+        if args[4][0] > 0:              # tile_a starting past the first rows
+            raise RuntimeError("block failed")
+        return real_block(self, *args, **kwargs)
+
+    monkeypatch.setattr(alignment._Workspace, "block", failing_block)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with pytest.raises(RuntimeError, match="block failed"):
+            local_distance(torch.randn(12, 3, 4), torch.randn(12, 3, 4), chunk_size=4)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_local_distance_inference_mode() -> None:
     gen = torch.Generator().manual_seed(4)
     x, y = torch.randn(9, 4, 8, generator=gen), torch.randn(7, 6, 8, generator=gen)
