@@ -1,31 +1,43 @@
 """AlignedReID's aligned local distance: element distances between horizontal stripes, then the shortest
 right/down path through the m x n grid of those distances.
 
-Two things make this fast enough for test time on a Market-size query x gallery matrix:
+What makes this fast enough for test time on a Market-size query x gallery matrix:
 
 * The dynamic programme walks the anti-diagonals (wavefront): every cell of diagonal k depends only on
   diagonal k-1, so one vectorised step per diagonal covers all cells of it for every pair at once,
   m + n - 1 Python steps in all (the reproductions loop over all m * n cells).
-* Grids are laid out as [m, n, pairs]: each cell is a slab over a block of pairs, each diagonal a
-  strided view (no gather copies). One matrix product of stripe-major rows yields the squared stripe
-  distances of a whole block already in that layout, the element distance is applied in place (as a
-  sigmoid, its affine part moved behind the DP), and the wavefront runs in two preallocated buffers.
-  With autograd the same recurrence builds a normal differentiable graph instead (training uses it on
+* `local_distance` works in blocks (on the CPU of 2 MB of float32 cells: cache-sized). Per block: one
+  matrix product of augmented stripe-major rows [-2a, |a|^2, 1] x [b, 1, |b|^2] gives the squared stripe
+  distances; one clamp pass also lays them out as a contiguous [m, n, pairs] grid (each cell a
+  contiguous slab over the block's pairs, each diagonal a strided view of whole slabs); the element
+  distance is applied in place (as a sigmoid, its affine part moved behind the DP); the wavefront runs
+  in two buffers. All buffers and the views of every step are made once per worker and block shape.
+* On the CPU the blocks are spread over torch.get_num_threads() Python worker threads, each running
+  its blocks with one intra-op thread (torch releases the GIL inside its kernels). At the CPU's block
+  size every op is small, and thread-parallel small ops meet at a barrier after each of them, which
+  stalls on a busy machine; whole blocks per thread need no synchronisation at all.
+* With autograd the same recurrence builds a normal differentiable graph instead (training uses it on
   the few mined pairs only).
 
-Element distance: (e^d - 1) / (e^d + 1) = tanh(d / 2), computed as tanh (no overflow for large d).
+Element distance: (e^d - 1) / (e^d + 1) = tanh(d / 2), computed as tanh by `element_distance` (no
+overflow for large d).
 Euclidean distances take the square root of a squared distance clamped at EPS, so the gradient at
 d = 0 is finite (zero) instead of NaN.
 """
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
 EPS = 1e-12
-DEFAULT_CHUNK_PAIRS = 1 << 14   # (x, y) pairs per block in local_distance: 4 MB of float32 cells at 8x8
+DEFAULT_CHUNK_CELLS = 1 << 19   # grid cells per block in local_distance on the CPU: 2 MB of float32
+DEFAULT_CHUNK_CELLS_DEVICE = 1 << 20   # on other devices (the former default everywhere, 16,384 pairs at 8x8)
 
 
 def element_distance(sq_dist: torch.Tensor) -> torch.Tensor:
@@ -119,61 +131,210 @@ def _block_autograd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _grid_shortest_path(grid)
 
 
-def _block_inplace(rows_a: torch.Tensor, sq_a: torch.Tensor, rows_b: torch.Tensor,
-                   sq_b: torch.Tensor) -> torch.Tensor:
-    """The same without autograd, from stripe-major views: rows_a [m, Ab, c] with squared norms
-    sq_a [m, Ab], rows_b [n, Bb, c] with sq_b [n, Bb] (m <= n) -> [Ab, Bb].
+class _Workspace:
+    """One worker's buffers for `local_distance` blocks of up to size_a x size_b pairs (m <= n stripes,
+    c channels), and per block shape the views every step of a block uses, made once.
 
-    |a - b|^2 = |a|^2 - 2ab + |b|^2 comes out of one addmm plus one broadcast add, and the element
-    distance is taken as tanh(d / 2) = 2 sigmoid(d) - 1 with the affine part moved behind the DP: every
-    right/down path has exactly m + n - 1 cells, so path(2 s - 1) = 2 path(s) - (m + n - 1). That leaves
-    in-place passes over the block only (torch's sigmoid is several times cheaper than its tanh on
-    the CPU) and no other allocation of its size."""
-    (m, size_a, c), (n, size_b, _) = rows_a.shape, rows_b.shape
-    sq = torch.addmm(sq_a.reshape(-1, 1), rows_a.reshape(-1, c), rows_b.reshape(-1, c).t(), alpha=-2.0)
-    half_plus = sq.add_(sq_b.reshape(1, -1)).clamp_(min=EPS).sqrt_().sigmoid_()  # (1 + tanh(d/2)) / 2
-    path = _grid_shortest_path(half_plus.view(m, size_a, n, size_b).transpose(1, 2))
-    return path.mul_(2.0).sub_(m + n - 1)
+    A block: the augmented rows aug_a [m, sa, c + 2] = [-2a, |a|^2, 1] and aug_b [n, sb, c + 2] =
+    [b, 1, |b|^2] (stripe-major) give |a - b|^2 = |a|^2 - 2ab + |b|^2 of all stripe pairs in one matrix
+    product [m * sa, n * sb] = [m, sa, n, sb]; one clamp pass at EPS writes it transposed into the grid
+    [m, n, sa * sb] (cell (i, j) a contiguous slab over the block's pairs); sqrt_ and sigmoid_ give
+    (1 + tanh(d / 2)) / 2 in place (torch's sigmoid is several times cheaper than its tanh on the CPU;
+    every right/down path has m + n - 1 cells, so path(2 s - 1) = 2 path(s) - (m + n - 1) is applied to
+    the block's result at the end); the wavefront then runs over the grid's diagonals (strided views of
+    whole slabs) in two buffers [m + 2, pairs] as in `_wavefront_inplace`. There row 0 stays +inf, and
+    rows 2..m are reset to +inf per block: the first-column cell (k, 0) of diagonal k < m reads row
+    k + 1 of diagonal k - 1 as its left neighbour, which that diagonal does not write, so it would hold
+    a value of the previous block otherwise (never the minimum, as such paths are longer and cells are
+    in [1/2, 1], but every block is then exactly a fresh `_wavefront_inplace`). The grid and buffers are
+    laid out for the largest block; smaller ones use the first sa * sb columns of the same rows, so no
+    shape's boundary rows overlap another shape's values."""
+
+    def __init__(self, m: int, n: int, c: int, size_a: int, size_b: int, like: torch.Tensor):
+        self.m, self.n, self.c = m, n, c
+        pairs = size_a * size_b
+        self.aug_a_store = like.new_empty(m * size_a * (c + 2))
+        self.aug_b_store = like.new_empty(n * size_b * (c + 2))
+        self.product_store = like.new_empty(m * n * pairs)
+        self.grid = like.new_empty(m, n, pairs)
+        self.bufs = like.new_full((2, m + 2, pairs), math.inf)
+        self.minus_steps = like.new_tensor(-(m + n - 1.0))     # path(2 s - 1) = 2 path(s) - (m + n - 1)
+        self.plans: dict[tuple[int, int], tuple] = {}
+        self.tile_a = self.tile_b = None                       # whose rows aug_a / aug_b hold now
+
+    def plan(self, sa: int, sb: int) -> tuple:
+        key = (sa, sb)
+        if key not in self.plans:
+            m, n, c, pairs = self.m, self.n, self.c, sa * sb
+            aug_a = self.aug_a_store[:m * sa * (c + 2)].view(m, sa, c + 2)
+            aug_b = self.aug_b_store[:n * sb * (c + 2)].view(n, sb, c + 2)
+            product = self.product_store[:m * n * pairs].view(m * sa, n * sb)
+            grid = self.grid[:, :, :pairs]
+            cells, bufs = grid.flatten(0, 1), self.bufs[:, :, :pairs]
+            steps = []
+            for k in range(1, m + n - 1):
+                lo, hi = _bounds(k, m, n)
+                prev, cur = bufs[(k - 1) % 2], bufs[k % 2]
+                start = lo * (n - 1) + k                       # cell (lo, k - lo); step n - 1 along k
+                steps.append((prev[lo:hi + 1], prev[lo + 1:hi + 2], cur[lo + 1:hi + 2],
+                              cells[start:start + (hi - lo) * (n - 1) + 1:n - 1]))
+            self.plans[key] = (aug_a, aug_b, product, product.view(m, sa, n, sb).transpose(1, 2),
+                               grid.view(m, n, sa, sb), bufs[:, 2:m + 1], bufs[0, 1], cells[0], steps,
+                               bufs[(m + n - 2) % 2, m].view(sa, sb))
+        return self.plans[key]
+
+    def block(self, rows_a: torch.Tensor, sq_a: torch.Tensor, rows_b: torch.Tensor, sq_b: torch.Tensor,
+              tile_a: tuple[int, int], tile_b: tuple[int, int], out: torch.Tensor) -> None:
+        """out[tile_a, tile_b] = local distances of a's and b's rows in the tiles (start, size), from
+        stripe-major rows_a [m, A, c], rows_b [n, B, c] and their squared norms sq_a [m, A], sq_b [n, B]."""
+        (i, sa), (j, sb) = tile_a, tile_b
+        c = self.c
+        aug_a, aug_b, product, product_mn, grid, stale, first, cell0, steps, last = self.plan(sa, sb)
+        if self.tile_a != tile_a:
+            torch.mul(rows_a[:, i:i + sa], -2.0, out=aug_a[..., :c])
+            aug_a[..., c].copy_(sq_a[:, i:i + sa])
+            aug_a[..., c + 1].fill_(1.0)
+            self.tile_a = tile_a
+        if self.tile_b != tile_b:
+            aug_b[..., :c].copy_(rows_b[:, j:j + sb])
+            aug_b[..., c].fill_(1.0)
+            aug_b[..., c + 1].copy_(sq_b[:, j:j + sb])
+            self.tile_b = tile_b
+        torch.mm(aug_a.view(-1, c + 2), aug_b.view(-1, c + 2).t(), out=product)
+        torch.clamp(product_mn, min=EPS, out=grid)
+        grid.sqrt_().sigmoid_()                                # (1 + tanh(d / 2)) / 2
+        stale.fill_(math.inf)
+        first.copy_(cell0)
+        for up, left, cur, diagonal in steps:
+            torch.minimum(up, left, out=cur)
+            cur.add_(diagonal)
+        torch.add(self.minus_steps, last, alpha=2.0, out=out[i:i + sa, j:j + sb])
+
+
+def _tiles(total: int, step: int) -> list[tuple[int, int]]:
+    """(start, size) of ceil(total / step) near-equal tiles covering range(total) (sizes differ by <= 1)."""
+    count = -(-total // step)
+    size, extra = divmod(total, count)
+    starts = [t * size + min(t, extra) for t in range(count)]
+    return [(start, size + (t < extra)) for t, start in enumerate(starts)]
+
+
+_cpu_calls = threading.Lock()   # one CPU local_distance at a time (see _one_intra_op_thread)
+
+
+@contextmanager
+def _one_intra_op_thread() -> Iterator[int]:
+    """torch's intra-op thread count is 1 inside (the count before is yielded, and back after). One
+    caller at a time: the count is process-wide (MKL's, torch's default for new threads) besides per
+    thread (OpenMP's), so overlapping callers would save and restore each other's temporary 1, and
+    each call uses all the threads anyway."""
+    with _cpu_calls:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield before
+        finally:
+            torch.set_num_threads(before)
+
+
+def _run_blocks(workers: int, tiles: Iterator, run, progress_bar) -> None:
+    """run(slot, tile_a, tile_b) for every tile pair on `workers` threads (slot 0 is the caller's), each
+    taking the next pair when done, with one intra-op thread each and the caller's inference mode.
+    Pairs go out row by row, so a worker mostly keeps its tile_a."""
+    if workers == 1:
+        for tile_a, tile_b in tiles:
+            run(0, tile_a, tile_b)
+            progress_bar.update()
+        return
+    lock, failed = threading.Lock(), threading.Event()
+    todo = iter(tiles)
+    inference = torch.is_inference_mode_enabled()   # grad modes are per thread: the caller's for all
+
+    def worker(slot: int) -> None:
+        try:
+            if slot:  # a fresh thread
+                torch.set_num_threads(1)
+            with torch.inference_mode(inference), torch.no_grad():
+                while not failed.is_set():
+                    with lock:
+                        tile = next(todo, None)
+                    if tile is None:
+                        return
+                    run(slot, *tile)
+                    with lock:
+                        progress_bar.update()
+        except BaseException:
+            failed.set()   # the others stop after their current block
+            raise
+
+    with ThreadPoolExecutor(workers - 1, thread_name_prefix="local_distance") as pool:
+        helpers = [pool.submit(worker, slot) for slot in range(1, workers)]
+        try:
+            worker(0)
+        finally:
+            wait(helpers)
+        for helper in helpers:
+            helper.result()   # re-raises a helper's exception
 
 
 def local_distance(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None,
                    progress: bool = False) -> torch.Tensor:
     """Aligned local distance of every x against every y: x [M, m, c], y [N, n, c] -> [M, N].
 
-    Works in blocks of about `chunk_size` (x, y) pairs (default 16,384: 4 MB of float32 cells per
-    block at m = n = 8, cache-sized), so memory beyond the [M, N] result is bounded whatever M and N are
-    (Market-1501's 3,368 x 15,913 included). Blocks are near-square tiles so each block's matmul reuses
-    both operands. Differentiable (the result is then assembled with torch.cat)."""
+    Works in blocks of about `chunk_size` (x, y) pairs (default on the CPU: 2^19 grid cells, i.e. 8,192
+    pairs at m = n = 8, 2 MB of float32: cache-sized; 2^20 cells elsewhere), so memory beyond the [M, N]
+    result is bounded whatever M and N are (Market-1501's 3,368 x 15,913 included): one block's buffers
+    per worker thread. Blocks are near-square tiles of near-equal size so each block's matmul reuses both
+    operands. On the CPU the blocks run on torch.get_num_threads() threads (the caller's and helpers),
+    with torch's intra-op thread count set to 1 for the duration of the call (see the module docstring);
+    CPU calls from several threads at once take turns.
+    Differentiable (the result is then assembled with torch.cat, blocks in turn)."""
     _check_stripes(x, y, "local_distance")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"local_distance: chunk_size is {chunk_size}; must be >= 1 (pairs per block)")
     y = y.to(x.dtype)
-    # The side with fewer stripes goes first in every block (see _wavefront_inplace); the path set is
+    # The side with fewer stripes goes first in every block (fewer cells per diagonal); the path set is
     # symmetric, so the swapped result is the transpose.
     swap = x.shape[1] > y.shape[1]
     a, b = (y, x) if swap else (x, y)
-    pairs = chunk_size or DEFAULT_CHUNK_PAIRS
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return x.new_zeros(x.shape[0], y.shape[0])
+    (_, m, c), n = a.shape, b.shape[1]
+    cpu = a.device.type == "cpu"
+    pairs = chunk_size or max(1, (DEFAULT_CHUNK_CELLS if cpu else DEFAULT_CHUNK_CELLS_DEVICE) // (m * n))
     step_a = max(1, min(a.shape[0], math.isqrt(pairs)))
     step_b = max(1, min(b.shape[0], pairs // step_a))
-    tiles = [(i, j) for i in range(0, a.shape[0], step_a) for j in range(0, b.shape[0], step_b)]
-    if not tiles:  # no x or no y
-        return x.new_zeros(x.shape[0], y.shape[0])
-    progress_bar = tqdm(tiles, desc="local distance", unit="block", disable=not progress or len(tiles) < 2)
+    tiles_a, tiles_b = _tiles(a.shape[0], step_a), _tiles(b.shape[0], step_b)
+    blocks = len(tiles_a) * len(tiles_b)
+    tiles = ((ta, tb) for ta in tiles_a for tb in tiles_b)     # row by row
+    progress_bar = tqdm(total=blocks, desc="local distance", unit="block", disable=not progress or blocks < 2)
 
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        rows: dict[int, list[torch.Tensor]] = {}
-        for i, j in progress_bar:
-            rows.setdefault(i, []).append(_block_autograd(a[i:i + step_a], b[j:j + step_b]))
-        out = torch.cat([torch.cat(row, dim=1) for row in rows.values()], dim=0)
+        rows = []
+        for (i, sa) in tiles_a:
+            row = []
+            for (j, sb) in tiles_b:
+                row.append(_block_autograd(a[i:i + sa], b[j:j + sb]))
+                progress_bar.update()
+            rows.append(torch.cat(row, dim=1))
+        progress_bar.close()
+        out = torch.cat(rows, dim=0)
         return out.t() if swap else out
 
-    rows_a, rows_b = a.transpose(0, 1), b.transpose(0, 1)    # stripe-major views [m, A, c], [n, B, c]
-    sq_a, sq_b = rows_a.pow(2).sum(-1), rows_b.pow(2).sum(-1)
-    out = x.new_empty(x.shape[0], y.shape[0])
-    out_ab = out.t() if swap else out
-    for i, j in progress_bar:
-        ia, jb = slice(i, i + step_a), slice(j, j + step_b)
-        out_ab[ia, jb] = _block_inplace(rows_a[:, ia], sq_a[:, ia], rows_b[:, jb], sq_b[:, jb])
+    # On the CPU everything from here runs on one intra-op thread per worker (module docstring).
+    with torch.no_grad(), _one_intra_op_thread() if cpu else nullcontext(1) as threads:
+        rows_a, rows_b = a.transpose(0, 1), b.transpose(0, 1)    # stripe-major views [m, A, c], [n, B, c]
+        sq_a, sq_b = rows_a.pow(2).sum(-1), rows_b.pow(2).sum(-1)
+        out = x.new_empty(x.shape[0], y.shape[0])
+        out_ab = out.t() if swap else out
+        workers = min(threads, blocks)
+        spaces = [_Workspace(m, n, c, tiles_a[0][1], tiles_b[0][1], a) for _ in range(workers)]
+
+        def run(slot: int, tile_a: tuple[int, int], tile_b: tuple[int, int]) -> None:
+            spaces[slot].block(rows_a, sq_a, rows_b, sq_b, tile_a, tile_b, out_ab)
+
+        _run_blocks(workers, tiles, run, progress_bar)
+        progress_bar.close()
     return out
 
 

@@ -3,6 +3,8 @@ recurrence and per-pair loops), for square and non-square grids, with and withou
 gradchecks in float64."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -83,6 +85,125 @@ def test_local_distance_matches_brute_force(m: int, n: int, chunk_size: int | No
     torch.testing.assert_close(local_distance(x, y, chunk_size=chunk_size), expected, rtol=1e-9, atol=1e-9)
     got = local_distance(x.clone().requires_grad_(), y, chunk_size=chunk_size)
     torch.testing.assert_close(got.detach(), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("m,n", [(8, 8), (3, 7), (7, 3), (1, 5), (6, 1)])
+@pytest.mark.parametrize("chunk_size", [1, 7, 12, 40, None])
+def test_local_distance_blocks_match_brute_force(m: int, n: int, chunk_size: int | None) -> None:
+    """Ragged tilings (tiles of unequal size, one-row and one-column tiles, a single tile) and both
+    orientations (m > n is computed transposed) give the brute-force answer, with and without autograd."""
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + (chunk_size or 0))
+    x = torch.randn(11, m, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(13, n, 6, generator=gen, dtype=torch.float64)
+    expected = brute_local_distance(x, y)
+    torch.testing.assert_close(local_distance(x, y, chunk_size=chunk_size), expected, rtol=1e-9, atol=1e-9)
+    swapped = local_distance(y, x, chunk_size=chunk_size)
+    torch.testing.assert_close(swapped, expected.t(), rtol=1e-9, atol=1e-9)
+    got = local_distance(x, y.clone().requires_grad_(), chunk_size=chunk_size)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_local_distance_threads_and_views() -> None:
+    """Same answer with one and with several threads (blocks are then spread over worker threads),
+    for non-contiguous inputs; the caller's thread count is restored afterwards."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(23, 128, 5, generator=gen).relu().transpose(1, 2)    # [23, 5, 128], strided
+    y = torch.randn(31, 7, 128, generator=gen).relu()[::2]                 # [16, 7, 128], strided
+    expected = brute_local_distance(x, y).float()
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got = local_distance(x, y, chunk_size=10)
+            assert torch.get_num_threads() == threads
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+            swapped = local_distance(y, x, chunk_size=10)
+            torch.testing.assert_close(swapped, expected.t(), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_local_distance_blocks_share_no_state(threads: int) -> None:
+    """Blocks reuse buffers: blocks of near-identical images (short paths) followed by blocks of far ones
+    (long paths) must not see the earlier blocks' values."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 8, 16, generator=gen, dtype=torch.float64)
+    # near, not identical: no |a|^2 + |b|^2 - 2ab cancellation to tolerate
+    near = x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    far = x + 10.0
+    y = torch.stack([near[0], far[0], near[1], far[1], near[2], far[2]] * 2)
+    expected = brute_local_distance(x, y)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for chunk_size in (1, 2, 3):
+            got = local_distance(x, y, chunk_size=chunk_size)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_local_distance_concurrent_callers_restore_threads() -> None:
+    """Calls from several threads at once (they take turns) all get the right answer, and the thread
+    count they found is back afterwards, in the callers' threads and the main one (not a call's
+    temporary 1)."""
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(20, 4, 8, generator=gen), torch.randn(30, 5, 8, generator=gen)
+    expected = local_distance(x, y, chunk_size=7)
+
+    def call(_: int) -> tuple[torch.Tensor, int]:
+        return local_distance(x, y, chunk_size=7), torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(call, range(16)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for got, threads in results:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert threads == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_local_distance_block_error_propagates(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in a block (on any worker) reaches the caller, and the thread count is restored."""
+    import pipeline.alignment as alignment
+
+    real_block = alignment._Workspace.block
+
+    def failing_block(self, *args, **kwargs):
+        if args[4][0] > 0:              # tile_a starting past the first rows
+            raise RuntimeError("block failed")
+        return real_block(self, *args, **kwargs)
+
+    monkeypatch.setattr(alignment._Workspace, "block", failing_block)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with pytest.raises(RuntimeError, match="block failed"):
+            local_distance(torch.randn(12, 3, 4), torch.randn(12, 3, 4), chunk_size=4)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_local_distance_inference_mode() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(9, 4, 8, generator=gen), torch.randn(7, 6, 8, generator=gen)
+    expected = local_distance(x, y, chunk_size=4)
+    with torch.inference_mode():
+        got = local_distance(x.clone(), y.clone(), chunk_size=4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_local_distance_empty_sides() -> None:
+    x, y = torch.randn(0, 4, 8), torch.randn(3, 5, 8)
+    assert local_distance(x, y).shape == (0, 3) and local_distance(y, x).shape == (3, 0)
 
 
 def test_local_distance_float32_and_identical_stripes() -> None:

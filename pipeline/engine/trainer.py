@@ -32,7 +32,7 @@ import torch
 from .. import distributed as D
 from ..checkpoint import (CheckpointError, CheckpointManager, checkpoint_name, evaluated_network,
                           evaluated_state_dict, load_checkpoint_file)
-from ..config import Config, dump_config
+from ..config import Config, dump_config, flatten
 from ..data import load_manifest, train_batches
 from ..data.stream import epoch_steps
 from ..data.transforms import TrainAugment
@@ -110,7 +110,9 @@ class Trainer:
                 "engine": self.backend.name, "dist_backend": str(self.dist.backend or "none"),
                 "device": self.device.type,
                 "dataset_manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
-                "dataset_format": str(self.manifest.get("source_format", "unknown"))}
+                "dataset_format": str(self.manifest.get("source_format", "unknown")),
+                # tracking.tags last: e.g. mlflow.parentRunId (launch/ablate.py nests its runs this way)
+                **{key: str(value) for key, value in flatten(self.cfg.tracking.tags).items()}}
 
     def _run_id(self) -> str | None:
         """The MLflow run id as rank 0 best knows it (a run created in the background lands later)."""
