@@ -188,7 +188,7 @@ class Trainer:
         return train_batches(d.shards, p=d.p, k=d.k, rank=self.dist.rank, world_size=self.dist.world_size,
                              epoch=epoch, seed=self.cfg.seed, num_workers=d.num_workers,
                              image_size=self.image_size, start_step=start_step,
-                             steps_per_epoch=self.cfg.train.steps_per_epoch, augment=False)
+                             steps_per_epoch=self.cfg.train.steps_per_epoch)
 
     def _seed_rank(self, epoch: int) -> None:
         seed = (self.cfg.seed * 1_000_003 + epoch * 7919 + self.dist.rank) % (2 ** 31)
