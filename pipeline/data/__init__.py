@@ -19,11 +19,28 @@ from .shards import load_manifest, manifest_sha256
 from .stream import train_batches
 
 
+def _sets(shards) -> list:
+    return list(shards) if isinstance(shards, (list, tuple)) else [shards]
+
+
 def load_manifests(shards) -> list[dict]:
-    """The manifest of each shard set of `shards` (one location or a list; data.shards)."""
-    return [load_manifest(s) for s in (shards if isinstance(shards, (list, tuple)) else [shards])]
+    """The manifest of each shard set of `shards` (one location or a list: data.shards)."""
+    return [load_manifest(s) for s in _sets(shards)]
+
+
+def shard_set_tags(shards) -> dict[str, str]:
+    """Run tags that identify the training data: the locations, the formats, and the sha256 of the
+    manifest file (of the manifests' sha256s joined by commas, for several sets)."""
+    import hashlib
+
+    sets = _sets(shards)
+    digests = [manifest_sha256(s) for s in sets]
+    return {"dataset_shards": " | ".join(map(str, sets)),
+            "dataset_manifest_sha256": digests[0] if len(digests) == 1 else
+            hashlib.sha256(",".join(digests).encode()).hexdigest(),
+            "dataset_format": "+".join(str(m.get("source_format", "unknown")) for m in load_manifests(sets))}
 
 
 __all__ = ["datasets", "shards", "synthetic", "transforms", "ShardError", "ShardSource", "DecodeCache",
-           "TrainSets", "load_manifest", "load_manifests", "manifest_sha256", "epoch_steps",
+           "TrainSets", "load_manifest", "load_manifests", "shard_set_tags", "manifest_sha256", "epoch_steps",
            "train_batches", "eval_batches", "eval_source", "read_images", "release_caches"]
