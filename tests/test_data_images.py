@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data import images
@@ -55,12 +56,11 @@ def test_simplejpeg_decodes_exactly_like_pil_including_dct_scaling(monkeypatch):
     if images.simplejpeg is None:
         pytest.skip("simplejpeg is not installed (PIL is used)")
     for source, size in CASES:
-        data = encode(*source)
-        fast = images.decode_rgb(data, size)
-        monkeypatch.setattr(images, "simplejpeg", None)
-        slow = images.decode_rgb(data, size)
-        monkeypatch.undo()
-        assert fast.shape == slow.shape and np.array_equal(fast, slow), (source, size)
+        for mode in ("RGB", "L"):
+            data = encode(*source, mode=mode)
+            fast = images._decode_simplejpeg(data, size)      # no fallback: simplejpeg itself
+            slow = images._decode_pil(data, size)
+            assert fast.shape == slow.shape and np.array_equal(fast, slow), (source, size, mode)
     assert images.decode_rgb(encode(1000, 500), (256, 128)).shape == (500, 250, 3)   # 1/2 in the DCT
 
 
@@ -81,7 +81,7 @@ def test_resize_batch_mixes_sizes_in_order():
     arrays = [images.decode_rgb(encode(h, w, seed=i), (64, 32)) for i, (h, w) in
               enumerate([(128, 64), (64, 32), (128, 64), (100, 40)])]
     batch = images.resize_batch(arrays, (64, 32))
-    assert batch.shape == (4, 3, 64, 32) and batch.is_contiguous()
+    assert batch.shape == (4, 3, 64, 32) and batch.is_contiguous(memory_format=torch.channels_last)
     for i, a in enumerate(arrays):
         one = images.resize_batch([a], (64, 32))[0]
         assert np.array_equal(batch[i].numpy(), one.numpy())

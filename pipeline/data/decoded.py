@@ -9,7 +9,8 @@ workers. At the start of an epoch the workers get a copy of the states; every wo
 whole plan, so each knows the step that first uses each image not yet decoded, and the worker that
 owns that step decodes it (and only it) and ships its pixels with that step. The training process
 stores them and assembles every batch with one `index_select` from the cache (on the device for
-`device`, so the P×K pixels never cross the bus again; `TrainAugment` then runs there too). Each image
+`device`, so the P×K pixels never cross the bus again; `TrainAugment` then runs there too; batches are
+channels_last views, as the streaming path's). Each image
 is therefore decoded once per process whatever the number of workers, decoding still runs in
 parallel in the workers during the first epochs, and once every image is cached a step reads no
 shard at all. Batches equal the streaming path's (`decode_cache=none`) for the same seed, epoch and
@@ -70,7 +71,8 @@ class DecodeCache:
                 f"{self.image_size[0]}x{self.image_size[1]}x3 bytes per process x {ranks_per_node} process(es) "
                 f"on this node) but {_gb(have)} is available (at most {int(_HEADROOM * 100)}% is used). Set "
                 "data.decode_cache=none, a smaller data.image_size, or fewer processes per node.")
-        self.pixels = torch.empty((images, 3, *self.image_size), dtype=torch.uint8, device=self.device)
+        # [N, H, W, 3]: rows are copied in and out without transposing; batches are channels_last views
+        self.pixels = torch.empty((images, *self.image_size, 3), dtype=torch.uint8, device=self.device)
         self.meta = torch.zeros((images, len(META)), dtype=torch.int64)
         self.state = np.zeros(images, dtype=np.int8)
 
@@ -83,7 +85,7 @@ class DecodeCache:
 
     def store(self, ids: torch.Tensor, pixels: torch.Tensor, meta: torch.Tensor) -> None:
         if ids.numel():
-            self.pixels[ids.to(self.device)] = pixels.to(self.device, non_blocking=True)
+            self.pixels[ids.to(self.device)] = pixels.permute(0, 2, 3, 1).to(self.device, non_blocking=True)
             self.meta[ids] = meta
             self.state[ids.numpy()] = DECODED
 
@@ -96,7 +98,7 @@ class DecodeCache:
         if (states != DECODED).any():
             raise RuntimeError(f"decode cache: images {ids[torch.from_numpy(states != DECODED)][:5].tolist()} "
                                "were never decoded (a bug in the stream)")
-        out = {"images": self.pixels.index_select(0, ids.to(self.device))}
+        out = {"images": self.pixels.index_select(0, ids.to(self.device)).permute(0, 3, 1, 2)}
         meta = self.meta.index_select(0, ids)
         out.update({name: meta[:, i].contiguous() for i, name in enumerate(META)})
         return out
