@@ -244,3 +244,33 @@ def test_two_nodes_train_from_http_shards_through_one_cache(tiny_shards, tmp_pat
     assert {e["name"] for e in manifest["splits"]["train"]["shards"]} <= {e["name"] for e in read}
     assert all(counts[e["name"]] == 1 for e in read), counts              # once for both "nodes"
     assert sorted(p.name for p in cache.glob("*.tar")) == sorted(f"{e['sha256']}.tar" for e in read)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_training_run_whose_server_dies_fails_naming_the_url(tiny_shards, tmp_path):
+    """The trainer's view: the server goes away after the first steps; the next epoch's reads are
+    retried, then the run exits non-zero with the shard's URL in its output, in bounded time."""
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with http_server(Path(tiny_shards), tmp_path / "server.log") as (url, server):
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config",
+                                     str(ROOT / "configs/test.yaml"), f"data.shards={url}", f"output_dir={out}",
+                                     "tracking.enabled=false", "train.epochs=3", "train.steps_per_epoch=3"],
+                                    cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 150
+            while not (out / "train_log.jsonl").is_file() or not (out / "train_log.jsonl").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            server.kill()
+            started = time.monotonic()
+            code = proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text(errors="replace")
+    assert code != 0 and time.monotonic() - started < 60
+    assert re.search(rf"{re.escape(url)}\S+\.tar unreachable: 5 attempts", text), text[-3000:]
