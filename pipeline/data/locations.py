@@ -15,18 +15,22 @@ Any location may contain `{name}` to put NAME elsewhere than at the end (a URL w
 Opening: local files, `file://` and `pipe:` go through webdataset's `gopen`; HTTP through urllib,
 because webdataset's HTTP opener (curl in a subprocess) has no read timeout (a stalled server hangs
 it) and cannot resume; other schemes through fsspec. Every read of a remote file has a timeout
-(`timeout_s`: the connection, each socket read, each read from a pipe command). A transient failure
+(`timeout_s`: the connection, each socket read, each read from a pipe command; fsspec URLs use their
+backend's own timeouts, e.g. s3fs's). A `pipe:` location runs a shell command taken from the
+configuration, as webdataset's does: use trusted configurations only. A transient failure
 (connection refused or reset, a timeout, HTTP 5xx/408/429, a pipe command that exits non-zero, a file
 that ends early) is retried up to `attempts` times in a row with exponential back-off (0.5, 1, 2, 4 s,
 ...), re-opening the file at the byte already reached (an HTTP range request; other sources re-read
 and discard). HTTP 401/403/404/410 and a missing local file are not retried. When the attempts are
 spent the ShardError names the URL.
 
-Integrity: `ShardFile` hashes every byte it reads. A reader that stops early calls `finish(verify)`,
-which reads on to the end and compares the sha256 with the manifest's — unless that shard was already
-verified by this process (local files: same path, size and mtime; remote files: same URL), in which
-case it stops at once. So a remote shard is fully read and checked the first time a process reads it,
-and later reads of it stop early, trusting the earlier check and the position checks of the reader.
+Integrity: `ShardFile` hashes every byte it reads. When a reader is done with a shard it calls
+`finish_shard`, which reads on to the end and compares the sha256 with the manifest's — unless this
+process already verified that shard (local files: same path, size and mtime; remote files: same URL),
+in which case it stops at once. So a shard is fully read and checked the first time a process reads
+it, and later reads stop after the last sample they need, trusting that check and the reader's
+position checks. DataLoader workers are new processes every epoch: without `cache_dir` each reads the
+remote shards it touches in full once per epoch (with `cache_dir` they read the verified local copy).
 
 Node-local cache (`cache_dir`, remote locations only; local shards are never copied): each shard is
 downloaded once per node into `cache_dir/<sha256>.tar` (content-addressed, so shard sets share it and
@@ -90,6 +94,8 @@ def _open_local(path: str, offset: int, timeout_s: float):
         fh = wds_gopen(path, "rb")
     except FileNotFoundError:
         raise _Gone(f"shard {path} is missing") from None
+    except OSError as exc:          # permissions, a folder in its place: retrying will not help
+        raise ShardError(f"shard {path} cannot be opened: {exc}") from None
     size = os.fstat(fh.fileno()).st_size
     fh.seek(offset)
     return fh, 0, size
