@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
-                        help="ckpt-*.pt file, checkpoints directory or run directory")
+                        help="ckpt-*.pt file, checkpoints directory, run directory, or a logged MLflow "
+                             "model (runs:/<run_id>/model, models:/NAME/VERSION)")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                         help="input size (default: the size the checkpoint trained at)")

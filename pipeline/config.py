@@ -136,7 +136,8 @@ class TrackingConfig:
     experiment: str = "alignedreid"
     run_name: str | None = None
     system_metrics: bool = False
-    log_model: bool = True
+    log_model: bool = True                   # the trained network as the run's MLflow model
+    register_as: str | None = None           # also a new version of this registered model per run
     timeout_s: float = 10.0                  # bound on any single call to the tracking server
 
 
@@ -411,6 +412,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("eval.batch_size", f"is {cfg.eval.batch_size}; must be >= 1")
     if cfg.tracking.timeout_s <= 0:
         bad("tracking.timeout_s", f"is {cfg.tracking.timeout_s}; must be > 0")
+    name = cfg.tracking.register_as
+    if name is not None and (not name.strip() or name != name.strip()):
+        bad("tracking.register_as", f"is {name!r}; must be a registered model name (non-empty, no "
+            f"surrounding spaces) or null")
+    if name is not None and not cfg.tracking.log_model:
+        bad("tracking.register_as", f"is {name!r} but tracking.log_model is false: only a logged model "
+            f"can be registered; set tracking.log_model=true or register_as=null")
 
 
 def check_machine(cfg: Config, cuda_available: bool | None = None) -> None:

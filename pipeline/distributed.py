@@ -90,6 +90,16 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, local_world, backend, device)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A process group even for one process: DeepSpeed's engine needs one. With torchrun's environment
+    it already exists; a single process gets a private one-rank group (no network)."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)   # DeepSpeed reads them from the environment
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -1,8 +1,13 @@
-"""Inference: turn images into re-ID features with a trained checkpoint, and export the network to ONNX.
+"""Inference: turn images into re-ID features with a trained network, and export the network to ONNX.
 
     extractor = FeatureExtractor("outputs/run/checkpoints")       # a file, a checkpoints dir or a run dir
+    extractor = FeatureExtractor("runs:/<run_id>/model")          # or models:/NAME/VERSION (MLflow)
     feats = extractor(["a.jpg", "b.jpg"])                        # [2, D], L2-normalised
     similarity = feats @ feats.T                                 # cosine similarity
+
+The network comes from an engine checkpoint, or from a model that `Tracker.log_model` logged to
+MLflow (an MLflow URI, or a local copy of the model: a directory with an MLmodel file; see
+pipeline.serving). MLflow is imported only for those, so this module stays light for checkpoints.
 
 Preprocessing is the evaluation's: RGB, bilinear resize to the training image size, ImageNet
 normalisation. The features are the eval-mode global features (after the BN neck),
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +67,30 @@ def checkpoint_image_size(path: str | Path) -> tuple[int, int] | None:
     size = ((state.get("config") or {}).get("data") or {}).get("image_size") \
         if isinstance(state, dict) else None
     return (int(size[0]), int(size[1])) if size else None
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")      # scheme:/... (2+ letters: not a C:/ path)
+
+
+def is_model_uri(source: str | Path) -> bool:
+    """True for an MLflow URI (runs:/..., models:/..., mlflow-artifacts:/..., s3://...), not a path."""
+    return isinstance(source, str) and bool(_URI.match(source))
+
+
+def load_network(source: str | Path, tracking_uri: str | None = None
+                 ) -> tuple[nn.Module, dict, tuple[int, int] | None]:
+    """(network in eval mode on the CPU, info, trained image size or None) from `source`: an MLflow
+    model URI (downloaded from `tracking_uri`, default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db),
+    a local MLflow model directory (with MLmodel), or a checkpoint (see resolve_checkpoint)."""
+    if is_model_uri(source):
+        from pipeline.serving import network_from_uri
+        return network_from_uri(str(source), tracking_uri)
+    if (Path(source) / "MLmodel").is_file():
+        from pipeline.serving import network_from_model_dir
+        return network_from_model_dir(source)
+    checkpoint = resolve_checkpoint(source)
+    model, info = model_from_checkpoint(checkpoint)
+    return model, info, checkpoint_image_size(checkpoint)
 
 
 class Embedder(nn.Module):
@@ -109,28 +139,46 @@ def _to_chw(item: ImageInput, size: tuple[int, int], where: str) -> torch.Tensor
 class FeatureExtractor:
     """`FeatureExtractor(checkpoint, device="cpu")(images) -> [N, D]` L2-normalised features.
 
-    checkpoint: an engine checkpoint file (or a checkpoints/run directory, see resolve_checkpoint).
+    checkpoint: an engine checkpoint file (or a checkpoints/run directory, see resolve_checkpoint), an
+    MLflow model URI of a model logged by Tracker.log_model (`runs:/<run_id>/model`,
+    `models:/NAME/VERSION`; downloaded from `tracking_uri`, default $MLFLOW_TRACKING_URI or
+    sqlite:///mlflow.db), or a local copy of such a model (a directory with an MLmodel file).
     images: one or a list of image paths, PIL images, or tensors [3, H, W]; or a batch tensor
     [N, 3, H, W]. Tensors are uint8 in [0, 255] or float in [0, 1] (not yet normalised), any size.
     Image files go through exactly the evaluation's decoder (pipeline.data.images.decode: PIL's
     pixels, bilinear resize), so a file's features equal those `evaluate` computes for it from the shards;
     PIL images get the same resize, tensors an antialiased bilinear one.
-    image_size: defaults to the size the checkpoint's run trained at."""
+    image_size: defaults to the size the network was trained at."""
 
     def __init__(self, checkpoint: str | Path, device: str | torch.device = "cpu",
-                 image_size: Sequence[int] | None = None, batch_size: int = 64):
-        self.checkpoint = resolve_checkpoint(checkpoint)
-        model, self.info = model_from_checkpoint(self.checkpoint)
-        self.device = torch.device(device)
-        self.model = Embedder(model).to(self.device).eval()
-        size = image_size or checkpoint_image_size(self.checkpoint)
-        if size is None:
+                 image_size: Sequence[int] | None = None, batch_size: int = 64, *,
+                 tracking_uri: str | None = None):
+        model, info, recorded = load_network(checkpoint, tracking_uri)
+        # the resolved checkpoint file or model directory; an MLflow URI as given
+        self.checkpoint = checkpoint if is_model_uri(checkpoint) else Path(info["path"])
+        if image_size is None and recorded is None:
             warnings.warn(f"{self.checkpoint} records no data.image_size; using {DEFAULT_IMAGE_SIZE}",
                           stacklevel=2)
-            size = DEFAULT_IMAGE_SIZE
-        self.image_size = (int(size[0]), int(size[1]))
+        self._setup(model, info, image_size or recorded or DEFAULT_IMAGE_SIZE, device, batch_size)
+
+    @classmethod
+    def from_network(cls, model: nn.Module, info: dict, image_size: Sequence[int],
+                     device: str | torch.device = "cpu", batch_size: int = 64) -> "FeatureExtractor":
+        """An extractor around an already built network (eval forward -> [N, D]); pipeline.serving
+        uses it so that a served model computes exactly what this class computes."""
+        extractor = cls.__new__(cls)
+        extractor.checkpoint = info.get("path")
+        extractor._setup(model, info, image_size, device, batch_size)
+        return extractor
+
+    def _setup(self, model: nn.Module, info: dict, image_size: Sequence[int],
+               device: str | torch.device, batch_size: int) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}; must be >= 1")
+        self.info = info
+        self.device = torch.device(device)
+        self.model = Embedder(model).to(self.device).eval()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.batch_size = batch_size
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:

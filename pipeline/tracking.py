@@ -24,16 +24,25 @@ Usage (see docs/interfaces.md)::
     run_id = tracker.start(params=cfg.flat(), tags={"world_size": "2"}, run_id=resumed)
     tracker.log_metrics({"loss/total": 1.2, "lr": 2e-4}, step=global_step)
     tracker.log_artifact("outputs/run/plots/cmc.png", artifact_path="plots")
-    tracker.log_model(model)
+    tracker.log_model(eval_state_dict(model), cfg.to_dict(), num_classes)   # pipeline.serving
     tracker.finish("FINISHED")
 
 When the store does not answer within ``timeout_s``, ``start`` returns the resumed run id, or None
 for a new run, which is then created in the background: ``tracker.run_id`` always holds the best-known
 id, so that is the one to save in checkpoints.
+
+The model (``log_model``) is an MLflow 3 *logged model* named ``model``, linked to the run as its
+output: the run's Models tab lists it, ``mlflow.pyfunc.load_model("runs:/<run_id>/model")`` loads it
+(MLflow 3 resolves ``runs:/<run_id>/<name>`` to the logged model of that name whose source run is
+<run_id>, the newest if several) and ``mlflow models serve`` serves it. It is weights and code, no
+pickle: see pipeline.serving. Its files are the logged model's, not the run's own artifacts:
+``client.list_logged_model_artifacts(model_id)`` lists them (``client.list_artifacts(run_id, "model")``
+too, but MLflow 3.17 resolves that through the process-wide tracking URI, not the client's).
 """
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import math
@@ -54,7 +63,7 @@ from typing import Any, TextIO
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
@@ -180,9 +189,97 @@ def environment_tags() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Op:
-    """One queued MLflow call. kind: start | params | tags | metrics | artifact | terminate."""
+    """One queued MLflow call. kind: start | params | metrics | artifact | model | register | terminate."""
     kind: str
     data: Any
+
+
+@dataclass
+class _ModelUpload:
+    """A model saved at log_model time, on its way to becoming the run's logged model. The ids are
+    kept so that a retried call continues where the failed one stopped (no second logged model)."""
+    path: Path
+    step: int
+    params: dict[str, str]
+    register_as: str | None
+    model_id: str | None = None
+    linked: bool = False
+    sent: bool = False
+
+
+MODEL_TYPE = "alignedreid-embedder"
+_EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
+
+
+def _send_model(client: MlflowClient, run_id: str, upload: _ModelUpload) -> None:
+    """Make `upload` the run's logged model: create it (name 'model', source run `run_id`), record it
+    as the run's output, upload its files, mark it READY. What MLflow's fluent log_model does, with an
+    explicit client (no active run) and from a directory already saved."""
+    from mlflow.models import Model
+
+    from pipeline.serving import MODEL_NAME
+
+    if upload.model_id is None:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                            params=upload.params, model_type=MODEL_TYPE)
+        upload.model_id = logged.model_id
+    if not upload.linked:
+        outputs = client.get_run(run_id).outputs
+        if not any(o.model_id == upload.model_id for o in (outputs.model_outputs if outputs else [])):
+            client.log_outputs(run_id, [LoggedModelOutput(upload.model_id, step=upload.step)])
+        upload.linked = True
+    # The MLmodel file names its logged model and run, as one written by MLflow's log_model does.
+    meta = Model.load(str(upload.path / "MLmodel"))
+    meta.model_id, meta.model_uuid, meta.run_id = upload.model_id, upload.model_id, run_id
+    meta.artifact_path = client.get_logged_model(upload.model_id).artifact_location
+    atomic_write(upload.path / "MLmodel", meta.to_yaml())
+    client.log_model_artifacts(upload.model_id, str(upload.path))
+    client.finalize_logged_model(upload.model_id, "READY")
+    upload.sent = True
+
+
+def _register_model(client: MlflowClient, run_id: str, upload: _ModelUpload) -> str | None:
+    """A new version of the registered model `upload.register_as` from the logged model (creating
+    the registered model the first time). Returns the version, or None when the registry refuses
+    for good (logged as a warning: registration is a convenience, never a reason to fail).
+    Store trouble (no answer) raises, so that the caller retries."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    name = upload.register_as
+    if not upload.sent:
+        logger.warning("MLflow: the model was not logged, so it is not registered as '%s'", name)
+        return None
+    try:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code not in _EXISTS:
+                raise
+        # The source is the logged model's artifact location, not models:/<model_id> (MLflow's own
+        # choice): MLflow 3.17's sqlite registry looks a models:/ source up through the process-wide
+        # tracking URI, not this client's, and fails when they differ.
+        logged = client.get_logged_model(upload.model_id)
+        source = logged.artifact_location
+        # A retried call must not add a second version: look for one made from this logged model.
+        done = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
+                if v.name == name and v.source == source]
+        version = done[0] if done else client.create_model_version(
+            name, source=source, run_id=run_id, model_id=upload.model_id, await_creation_for=0)
+        # What MLflow's log_model(registered_model_name=...) records: the logged model lists its versions.
+        tags = logged.tags
+        versions = json.loads(tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        if {"name": name, "version": str(version.version)} not in versions:
+            versions.append({"name": name, "version": str(version.version)})
+            client.set_logged_model_tags(upload.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
+    except MlflowException as exc:
+        if exc.error_code not in _PERMANENT_ERRORS:
+            raise
+        logger.warning("MLflow: could not register the model as '%s' (%s); it stays logged in run %s",
+                       name, exc, run_id)
+        return None
+    logger.info("MLflow: registered the model as '%s' version %s", name, version.version)
+    return str(version.version)
 
 
 class _SystemSampler:
@@ -251,6 +348,7 @@ class Tracker:
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._artifacts: list[tuple[Path, str | None]] = []
+        self._models: list[_ModelUpload] = []
         self._seq = 0
         self._last_step = 0
         self._record_lock = threading.Lock()
@@ -334,31 +432,30 @@ class Tracker:
             shutil.copy2(path, staged)
         self._queue_artifact(staged, artifact_path)
 
-    def log_model(self, model) -> None:
-        """Save `model` (DDP wrapper removed) in MLflow's pytorch format and queue it as the run's
-        'model' artifact; a no-op when tracking.log_model is false.
+    def log_model(self, weights: dict[str, Any], config: dict[str, Any], num_classes: int) -> None:
+        """Log the trained network as the run's MLflow model; a no-op when tracking.log_model is false.
 
-        Saved with pickle plus this package as code, so `mlflow.pytorch.load_model('runs:/ID/model')`
-        works anywhere; unpickling runs code, so load only models you trust (the engine's
-        checkpoints are the weights-only route). The save is local disk work; the upload is queued."""
+        weights: the fp32 CPU state dict of the evaluated network (pipeline.serving.eval_state_dict);
+        config: the resolved config (Config.to_dict()); num_classes: the classifier's size.
+        Saved now, to local disk, as an MLflow pyfunc model of weights-only files and code (no pickle;
+        see pipeline.serving), after checking that it rebuilds: a mismatch between weights and config
+        raises here. Then queued: the worker makes it the run's logged model 'model'
+        (`runs:/<run_id>/model`) and, with tracking.register_as, a new version of that registered
+        model. If the store cannot take it, it goes to the fallback store with the run."""
         if not self.active or not self.cfg.log_model:
             return
         self._require_running("log_model")
-        import torch
-
-        root_level = logging.getLogger().level
-        import mlflow.pytorch
-        # Importing mlflow.pytorch runs logging.basicConfig(level=ERROR) (its Lightning autolog
-        # module), which would silence every warning of the program, this tracker's included.
-        logging.getLogger().setLevel(root_level)
+        from pipeline.serving import save_pyfunc_model
 
         target = self._stage_dir() / "model"
-        mlflow.pytorch.save_model(
-            getattr(model, "module", model), target, serialization_format="pickle",
-            code_paths=[str(Path(__file__).resolve().parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pyyaml"],
-        )
-        self._queue_artifact(target, None)
+        info = save_pyfunc_model(target, weights, config, num_classes)
+        params = {k: clip_value(info[k], MAX_PARAM_VAL_LENGTH)
+                  for k in ("backbone", "num_classes", "feature_dim", "image_size")}
+        upload = _ModelUpload(target, self._last_step, params, self.cfg.register_as)
+        self._models.append(upload)
+        self._enqueue(_Op("model", upload))
+        if upload.register_as:
+            self._enqueue(_Op("register", upload))
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status` (FINISHED | FAILED | KILLED).
@@ -521,6 +618,10 @@ class Tracker:
             client.log_batch(self.run_id, metrics=op.data)
         elif op.kind == "artifact":
             _upload(client, self.run_id, *op.data)
+        elif op.kind == "model":
+            _send_model(client, self.run_id, op.data)
+        elif op.kind == "register":
+            _register_model(client, self.run_id, op.data)
         elif op.kind == "terminate":
             client.set_terminated(self.run_id, op.data)
         if self._down:
@@ -625,6 +726,15 @@ class Tracker:
                 client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
             for path, artifact_path in self._artifacts:
                 _upload(client, run_id, path, artifact_path)
+            for upload in self._models:
+                copy = dataclasses.replace(upload, model_id=None, linked=False, sent=False)
+                _send_model(client, run_id, copy)
+                if copy.register_as:
+                    try:
+                        _register_model(client, run_id, copy)
+                    except Exception as exc:
+                        logger.warning("MLflow: could not register the model as '%s' in the fallback "
+                                       "store (%s)", copy.register_as, exc)
             client.set_terminated(run_id, status)
         except Exception as exc:
             logger.error("MLflow: writing the fallback store %s failed (%s); every metric is still in %s",

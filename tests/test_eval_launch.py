@@ -112,3 +112,25 @@ def test_bad_arguments_are_clear_errors(tiny_shards, tmp_path):
     assert code == 2 and "checkpoint error: no checkpoint at" in err
     code, _, err = evaluate_in_process(["--checkpoint", str(tmp_path), "eval.distanc=local"])
     assert code == 2 and "Did you mean 'eval.distance'" in err
+
+
+def test_outputs_land_beside_the_checkpoint_not_in_the_current_folder(run_dir, tiny_shards, tmp_path,
+                                                                      monkeypatch):
+    """Without --output-dir, a checkpoint in <run>/checkpoints/ is evaluated into <run>/eval/<name>/,
+    whatever folder the command runs from; the recipe's relative output_dir is not touched."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = evaluate_in_process(["--checkpoint", str(run_dir), f"data.shards={tiny_shards}",
+                                                "eval.plots=false"])
+    assert code == 0, stderr[-3000:]
+    expected = run_dir.resolve() / "eval" / "ckpt-E0001-S000010"
+    assert [Path(p) for p in last_json(stdout)["artifacts"]] == [expected / "metrics.json"]
+    assert (expected / "metrics.json").is_file()
+    assert list(tmp_path.iterdir()) == []      # nothing written where the command ran
+
+    loose = tmp_path / "elsewhere"
+    loose.mkdir()
+    (loose / "model.pt").write_bytes((run_dir / "checkpoints" / "ckpt-E0001-S000010.pt").read_bytes())
+    code, stdout, stderr = evaluate_in_process(["--checkpoint", str(loose / "model.pt"),
+                                                f"data.shards={tiny_shards}", "eval.plots=false"])
+    assert code == 0, stderr[-3000:]
+    assert Path(last_json(stdout)["artifacts"][0]).parent == loose.resolve() / "eval-model"

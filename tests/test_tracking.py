@@ -254,7 +254,10 @@ def test_params_limits_artifacts_and_misuse(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_model_and_system_metrics(tmp_path, monkeypatch):
-    import mlflow.pytorch
+    from pipeline.data.transforms import normalize
+    from pipeline.inference import FeatureExtractor
+    from pipeline.model import build_model
+    from pipeline.serving import eval_state_dict
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     uri = sqlite_uri(tmp_path / "mlflow.db")
@@ -262,20 +265,25 @@ def test_model_and_system_metrics(tmp_path, monkeypatch):
                       is_main=True, output_dir=tmp_path / "out")
     run_id = tracker.start({"a": 1}, {})
     tracker.log_metrics({"loss/total": 1.0}, step=7)
+    cfg = Config()
+    cfg.model.backbone, cfg.model.last_stride, cfg.data.image_size = "resnet18", 2, [64, 32]
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    model = build_model(cfg.model, num_classes=5).eval()
     root_level = logging.getLogger().level
-    tracker.log_model(model)
-    assert logging.getLogger().level == root_level    # importing mlflow.pytorch must not mute warnings
+    tracker.log_model(eval_state_dict(model), cfg.to_dict(), 5)
+    assert logging.getLogger().level == root_level    # importing MLflow's model code must not mute warnings
     time.sleep(1.0)
     tracker.finish("FINISHED")
     client = MlflowClient(tracking_uri=uri)
     metrics = client.get_run(run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
     assert steps(client, run_id, "system/cpu_utilization_percentage")[-1] == 7   # at the training step
-    loaded = mlflow.pytorch.load_model(client.download_artifacts(run_id, "model", str(tmp_path / "dl")))
-    x = torch.randn(5, 4)
-    assert torch.equal(loaded(x), model(x))
+    (logged,) = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    assert (logged.name, logged.source_run_id) == ("model", run_id)     # the run's MLflow 3 logged model
+    x = torch.rand(3, 3, 64, 32)                                         # at the trained size
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(normalize(x)), dim=1)
+    torch.testing.assert_close(FeatureExtractor(f"runs:/{run_id}/model", tracking_uri=uri)(x), expected)
 
 
 def test_off_main_rank_and_disabled_do_nothing(tmp_path):
@@ -285,7 +293,7 @@ def test_off_main_rank_and_disabled_do_nothing(tmp_path):
         assert tracker.start({"a": 1}, {}) is None
         tracker.log_metrics({"x": 1.0}, step=0)
         tracker.log_artifact(tmp_path / "does-not-matter")
-        tracker.log_model(torch.nn.Linear(1, 1))
+        tracker.log_model({}, {}, 1)
         tracker.finish("FINISHED")
     assert list(tmp_path.iterdir()) == []
 

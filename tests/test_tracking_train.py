@@ -1,7 +1,9 @@
 """MLflow tracking of a real training: launch/train.py under torchrun, 2 gloo processes, tiny shards.
 
 - with an embedded store: exactly one run, with the resolved config as params and config.yaml,
-  per-step losses / lr / throughput, final rank1 / mAP / mINP, evaluation plots and the model, FINISHED;
+  per-step losses / lr / throughput, final rank1 / mAP / mINP, evaluation plots, FINISHED, and the
+  trained network as the run's MLflow 3 logged model (`runs:/<run_id>/model`, the final checkpoint's
+  weights);
 - pointed at a closed port: the training finishes all the same, warns once, and the complete run is
   in the fallback store afterwards.
 """
@@ -15,7 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+
+from pipeline.inference import FeatureExtractor
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +55,8 @@ def all_artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]
     return found
 
 
-def check_run(client: MlflowClient, run, out: Path) -> None:
-    """What every tracked training must leave in its run."""
+def check_run(client: MlflowClient, uri: str, run, out: Path) -> None:
+    """What every tracked training must leave in its run (in the store at `uri`)."""
     config = run.data.params
     assert run.info.status == "FINISHED"
     assert config["model.backbone"] == "resnet18" and config["data.p"] == "4"
@@ -64,8 +70,17 @@ def check_run(client: MlflowClient, run, out: Path) -> None:
     for name in ("rank1", "rank5", "mAP", "mINP"):
         assert run.data.metrics[f"eval/{name}"] == pytest.approx(summary[name])
     artifacts = all_artifacts(client, run.info.run_id)
-    assert "config.yaml" in artifacts and "model/MLmodel" in artifacts
+    assert "config.yaml" in artifacts
     assert {"eval/epoch-0001/cmc.png", "eval/epoch-0001/ranked_lists.png"} <= artifacts
+    # The model is the run's logged model 'model' (MLflow 3), not a run artifact; it holds the weights
+    # of the last checkpoint.
+    (model,) = [m for m in client.search_logged_models([run.info.experiment_id])
+                if m.source_run_id == run.info.run_id]
+    assert (model.name, model.status) == ("model", LoggedModelStatus.READY)
+    assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    logged = FeatureExtractor(f"runs:/{run.info.run_id}/model", tracking_uri=uri)
+    images = torch.rand(3, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logged(images), FeatureExtractor(out / "checkpoints")(images))
 
 
 @pytest.mark.timeout(240)
@@ -79,7 +94,7 @@ def test_training_records_one_run(tiny_shards, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_name == "tiny"
-    check_run(client, run, out)
+    check_run(client, uri, run, out)
     assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == run.info.run_id
     assert not (out / "tracking/fallback.db").exists()
 
@@ -96,4 +111,4 @@ def test_training_with_a_dead_server_finishes_and_falls_back(tiny_shards, tmp_pa
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1
     assert runs[0].data.tags["primary_tracking_uri"] == dead
-    check_run(client, runs[0], out)
+    check_run(client, fallback, runs[0], out)

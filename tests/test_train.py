@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,6 +149,53 @@ def test_killed_worker_restarts_from_checkpoint(reference_run, tiny_shards, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_max_restarts_without_fresh_stores_is_refused_before_any_work(tiny_shards, tmp_path):
+    """torch's shared rendezvous store breaks the first restart (pytorch#135712): without
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the workers refuse at once, naming the variable, instead of
+    training until a fault and then dying in gloo's connectFullMesh. (With it set, a killed worker
+    restarts and resumes: test_killed_worker_restarts_from_checkpoint.)"""
+    out = tmp_path / "refused"
+    env = _env()
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    started = time.monotonic()
+    proc = subprocess.run(torchrun_cmd(2, _overrides(tiny_shards, out), max_restarts=1), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode != 0
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in proc.stderr and "pytorch#135712" in proc.stderr
+    assert not (out / "train_log.jsonl").exists() and not (out / "checkpoints").exists()
+    assert time.monotonic() - started < 90
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bf16_autocast_runs_on_cpu_and_learns(reference_run, tiny_shards, tmp_path):
+    """train.amp=bf16 is not ignored on a CPU: the forward runs under CPU autocast, the losses stay
+    finite and decrease, and summary.json says what precision was used."""
+    out = tmp_path / "bf16"
+    run_ok(torchrun_cmd(2, _overrides(tiny_shards, out, "train.epochs=3", "train.amp=bf16")))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"]["observed_forward_dtype"] == "bfloat16"
+    assert summary["precision"]["mechanism"].startswith("torch.autocast(cpu")
+    seq = list(losses(out).values())
+    assert all(map(math.isfinite, seq)) and len(seq) == summary["global_step"]
+    k = max(2, len(seq) // 4)
+    assert sum(seq[-k:]) / k < sum(seq[:k]) / k, f"loss did not decrease: {seq}"
+    fp32 = losses(reference_run)       # same data, seed and steps in float32
+    assert seq[0] != fp32[1] and seq[0] == pytest.approx(fp32[1], rel=0.05)
+    assert json.loads((reference_run / "summary.json").read_text())["precision"]["observed_forward_dtype"] == "float32"
+
+
+@pytest.mark.timeout(60)
+def test_fp16_without_cuda_is_a_config_error(tiny_shards, tmp_path):
+    cmd = [PY, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
+           *_overrides(tiny_shards, tmp_path, "train.amp=fp16")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "'train.amp' is fp16" in proc.stderr and "train.amp=bf16" in proc.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_deepspeed_zero2_trains_saves_and_resumes(tiny_shards, tmp_path):
     out = tmp_path / "ds"
@@ -192,3 +240,19 @@ def test_bad_config_exits_2_naming_key(tiny_shards, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "'data.k' is 1" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_deepspeed_in_one_plain_process(tiny_shards, tmp_path):
+    """DeepSpeed needs a process group; a plain `python launch/train.py` (one GPU, no torchrun) gets a
+    private one-rank group instead of DeepSpeed's 'Distributed backend is not initialized'."""
+    out = tmp_path / "ds1"
+    cmd = [PY, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
+           *_overrides(tiny_shards, out, "engine.backend=deepspeed", "train.amp=bf16", "train.epochs=1")]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["world_size"] == 1
+    assert summary["precision"]["observed_forward_dtype"] == "bfloat16"

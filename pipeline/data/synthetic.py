@@ -314,18 +314,19 @@ def _gamma_table(gamma: float) -> np.ndarray:
 
 # The misalignment knob: detector crops from aligned (0) to badly misaligned (1). Each nuisance is
 # interpolated through these (misalign 0, 0.5, 1) anchors; 0.5 is the generator's historical default, so
-# the embedded demo set is unchanged. At 1: persons 60-100 % of the crop height, their top anywhere from
-# 8 % above to 30 % below the crop's top edge (feet cut off), 30 % of crops covering the upper body only,
-# 45 % occluded, and horizontal jitter of 8 % of the width.
+# the embedded demo set is unchanged. At 1 the crops are mostly misaligned vertically, the case the
+# aligned local branch is for: persons 64-100 % of the crop height, their top from 6 % above to 22 %
+# below the crop's top edge (feet cut off), a quarter of the crops showing the upper body only, 30 %
+# occluded, and horizontal jitter of 6 % of the width.
 MISALIGN_ANCHORS = (0.0, 0.5, 1.0)
 MISALIGN_TABLE = {
-    "scale_lo": (0.92, 0.78, 0.60),      # person height / crop height: uniform(scale_lo, scale_hi)
+    "scale_lo": (0.92, 0.78, 0.64),      # person height / crop height: uniform(scale_lo, scale_hi)
     "scale_hi": (0.92, 1.00, 1.00),
-    "top_lo": (0.04, -0.03, -0.08),      # top of the head / crop height: uniform(top_lo, top_hi)
-    "top_hi": (0.04, 0.10, 0.30),
-    "truncated": (0.0, 0.12, 0.30),      # probability that the crop shows the upper body only
-    "occluded": (0.0, 0.25, 0.45),       # probability of an occluder in front of the person
-    "jitter": (0.0, 0.05, 0.08),         # horizontal position: normal(0.5, jitter) of the width
+    "top_lo": (0.04, -0.03, -0.06),      # top of the head / crop height: uniform(top_lo, top_hi)
+    "top_hi": (0.04, 0.10, 0.22),
+    "truncated": (0.0, 0.12, 0.25),      # probability that the crop shows the upper body only
+    "occluded": (0.0, 0.25, 0.30),       # probability of an occluder in front of the person
+    "jitter": (0.0, 0.05, 0.06),         # horizontal position: normal(0.5, jitter) of the width
 }
 DEFAULT_MISALIGN = 0.5
 

@@ -134,7 +134,9 @@ class Trainer:
         if cfg.model.sync_bn and dist_info.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
-        if cfg.train.channels_last:
+        if cfg.train.channels_last and cfg.engine.backend != "deepspeed":
+            # DeepSpeed keeps its parameters as views of flat contiguous buffers (and cannot broadcast
+            # channels_last ones): there the inputs alone are channels_last, which convolutions follow.
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._seed_rank(epoch=0)
@@ -148,6 +150,7 @@ class Trainer:
         if cfg.engine.backend == "deepspeed":
             import deepspeed
 
+            D.ensure_process_group(self.device)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler,
                 config=deepspeed_config(cfg, cfg.data.p * cfg.data.k), dist_init_required=False)
@@ -489,8 +492,9 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                 step_time = timing["step_s"] + data_wait
                 lr = self.optimizer.param_groups[0]["lr"]
+                # "time": wall clock (Unix seconds) when the step ended, for rates over many steps.
                 record = {"epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
-                          "lr": lr, **{f"loss/{k}": v for k, v in terms.items()},
+                          "time": time.time(), "lr": lr, **{f"loss/{k}": v for k, v in terms.items()},
                           "throughput/images_per_s": images_per_step / max(step_time, 1e-9),
                           "time/data_wait_share": data_wait / max(step_time, 1e-9)}
                 for key in ("comm_s", "loss_s"):
@@ -505,7 +509,7 @@ class Trainer:
                                         f"{record['throughput/images_per_s']:.0f} img/s")
                 if self.global_step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                     self.tracker.log_metrics({k: v for k, v in record.items()
-                                              if k not in ("epoch", "step", "global_step")},
+                                              if k not in ("epoch", "step", "global_step", "time")},
                                              step=self.global_step)
                 if stop:
                     bar.close()
