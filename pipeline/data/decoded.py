@@ -14,7 +14,9 @@ channels_last views, as the streaming path's). Each image
 is therefore decoded once per process whatever the number of workers, decoding still runs in
 parallel in the workers during the first epochs, and once every image is cached a step reads no
 shard at all. Batches equal the streaming path's (`decode_cache=none`) for the same seed, epoch and
-step: same images chosen, same decoder, same pixels (tests/test_data_decoded.py).
+step: same images chosen, same decoder, same pixels (tests/test_data_decoded.py). Corrupt images are
+found once and remembered; the training process decodes their replacement itself when no step has
+yet (that image may then be decoded a second time by the step that first uses it).
 
 Memory: N·H·W·3 bytes per process, checked against what is available before the first batch
 (`MemoryError` saying how much is needed and how much there is). Every rank sees other identities each
