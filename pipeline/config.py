@@ -139,6 +139,7 @@ class TrackingConfig:
     log_model: bool = True                   # the trained network as the run's MLflow model
     register_as: str | None = None           # also a new version of this registered model per run
     timeout_s: float = 10.0                  # bound on any single call to the tracking server
+    tags: dict = field(default_factory=dict)  # extra run tags, e.g. {"mlflow.parentRunId": ID} nests the run
 
 
 @dataclass
@@ -419,6 +420,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if name is not None and not cfg.tracking.log_model:
         bad("tracking.register_as", f"is {name!r} but tracking.log_model is false: only a logged model "
             f"can be registered; set tracking.log_model=true or register_as=null")
+    for key, value in flatten(cfg.tracking.tags).items():
+        if not isinstance(value, (str, int, float, bool)):
+            bad(f"tracking.tags.{key}", f"is {value!r}; a tag value must be a string or a number")
 
 
 def check_machine(cfg: Config, cuda_available: bool | None = None) -> None:

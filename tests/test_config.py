@@ -68,3 +68,16 @@ def test_missing_and_unsafe_yaml(tmp_path):
     path.write_text("seed: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_tracking_tags_from_overrides():
+    """tracking.tags: a flow mapping or dotted keys, nested keys flattened with dots (as the trainer
+    tags its MLflow run); a value that is not a scalar is refused naming the tag."""
+    cfg = load_config(None, ['tracking.tags={"mlflow.parentRunId": "abc", "ablation.seed": 0}'])
+    assert cfg.tracking.tags == {"mlflow.parentRunId": "abc", "ablation.seed": 0}
+    assert cfg.flat()["tracking.tags.mlflow.parentRunId"] == "abc"
+    assert load_config(None, ["tracking.tags.ablation.variant=global"]).tracking.tags == {
+        "ablation": {"variant": "global"}}
+    assert load_config(None).tracking.tags == {}
+    with pytest.raises(ConfigError, match=r"tracking\.tags\.x' is \[1, 2\]"):
+        load_config(None, ["tracking.tags.x=[1, 2]"])

@@ -342,8 +342,7 @@ def render_view(person: Person | None, cam: Camera, size: tuple[int, int], rng: 
                 misalign: float | dict[str, float] = DEFAULT_MISALIGN) -> np.ndarray:
     """One detector crop (uint8 [H, W, 3]) of `person` (None: background only, a junk crop).
 
-    `misalign` is a level in [0, 1] or the parameters `misalignment(level)` returns. The same random
-    numbers are drawn at every level, so views differ between levels only in their misalignment."""
+    `misalign` is a level in [0, 1] or the parameters `misalignment(level)` returns."""
     m = misalignment(misalign) if not isinstance(misalign, dict) else misalign
     h, w = size
     cv = _Canvas(h, w)
@@ -375,8 +374,8 @@ def make_synthetic(out: str | Path, *, train_ids: int = 150, test_ids: int = 150
     Identities appear in 2..`cameras` cameras with about `images_per_id` images in all; each test
     identity gives up to `queries_per_id` queries (one per camera). `distractors` and `junk` are the
     numbers of pid-0 and pid -1 gallery images as fractions of the gallery. `misalign` in [0, 1] sets how
-    badly the crops are aligned (see MISALIGN_TABLE); the identities, cameras and every other random
-    choice are the same at every level."""
+    badly the crops are aligned (see MISALIGN_TABLE); the identities and their appearance, the cameras
+    and the image counts are the same at every level (poses and backgrounds of single views differ)."""
     if train_ids < 1 or test_ids < 1:
         raise ValueError(f"train_ids={train_ids}, test_ids={test_ids}: both must be >= 1")
     if train_ids + test_ids > 9999:

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed as D
-from ..config import Config, dump_config
+from ..config import Config, dump_config, flatten
 from ..data import TrainSets, epoch_steps, eval_source, load_manifests, shard_set_tags, train_batches
 from ..data.transforms import TrainAugment
 from ..fileio import atomic_write
@@ -209,6 +209,8 @@ class Trainer:
             "dist_backend": str(self.dist.backend or "none"),
             "device": self.device.type,
             **shard_set_tags(self.cfg.data.shards),   # locations, formats, manifest sha256
+            # tracking.tags last: e.g. mlflow.parentRunId (launch/ablate.py nests its runs this way)
+            **{key: str(value) for key, value in flatten(self.cfg.tracking.tags).items()},
         }
 
     def _run_id(self) -> str | None:
