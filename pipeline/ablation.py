@@ -623,17 +623,19 @@ def evaluate_run(checkpoint: Path, cfg: Config, run_dir: Path, tests: list[str],
         return results
     import torch
 
+    from pipeline.data import eval_source
     from pipeline.evaluation import evaluate
     from pipeline.model import model_from_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shards = eval_source(cfg.data.shards, cfg.eval.shards, cache_dir=cfg.data.cache_dir)
     model, _ = model_from_checkpoint(checkpoint)
     model = cached_forward(model.to(device).eval(),
                            with_local=any(TEST_VARIANTS[k][1] != "global" for k in todo))
     for key in todo:
         label, distance, rerank = TEST_VARIANTS[key]
         t0 = time.monotonic()
-        result = evaluate(model, cfg.data.shards, image_size=tuple(cfg.data.image_size), device=device,
+        result = evaluate(model, shards, image_size=tuple(cfg.data.image_size), device=device,
                           distance=distance, rerank=rerank, batch_size=cfg.eval.batch_size,
                           max_rank=cfg.eval.max_rank, output_dir=None, plots=False,
                           num_workers=cfg.data.num_workers, progress=False)

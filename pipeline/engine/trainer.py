@@ -34,8 +34,7 @@ from tqdm import tqdm
 
 from .. import distributed as D
 from ..config import Config, dump_config, flatten
-from ..data import load_manifest, train_batches
-from ..data.stream import epoch_steps
+from ..data import TrainSets, epoch_steps, eval_source, load_manifests, shard_set_tags, train_batches
 from ..data.transforms import TrainAugment
 from ..fileio import atomic_write
 from ..losses import AlignedReIDCriterion
@@ -118,10 +117,10 @@ class Trainer:
             raise ValueError("train.nan_policy=skip is supported with engine.backend=ddp only; "
                              "DeepSpeed owns the optimiser step (use nan_policy=stop)")
 
-        self.manifest = load_manifest(cfg.data.shards)
-        self.num_classes = int(self.manifest["num_classes"])
+        self.train_sets = TrainSets(load_manifests(cfg.data.shards))   # one or several shard sets
+        self.num_classes = self.train_sets.num_classes
         self.image_size = tuple(cfg.data.image_size)
-        self.steps_per_epoch = epoch_steps(self.manifest, cfg.data.p, cfg.data.k, dist_info.world_size,
+        self.steps_per_epoch = epoch_steps(self.train_sets, cfg.data.p, cfg.data.k, dist_info.world_size,
                                            cfg.train.steps_per_epoch)
 
         if cfg.model.pretrained:  # local rank 0 downloads (once per node); a failure stops every rank
@@ -180,6 +179,7 @@ class Trainer:
         self._forward_dtype: str | None = None
         if cfg.checkpoint.resume:
             self._resume()
+        self._batches(self.epoch, self.step_in_epoch)  # data.decode_cache: allocated (or refused) before training
 
         self.tracker = Tracker(cfg.tracking, is_main=dist_info.is_main, output_dir=str(self.out))
         run_id = self.tracker.start(params=cfg.flat(), tags=self._tags(), run_id=self.mlflow_run_id)
@@ -191,7 +191,9 @@ class Trainer:
         return train_batches(d.shards, p=d.p, k=d.k, rank=self.dist.rank, world_size=self.dist.world_size,
                              epoch=epoch, seed=self.cfg.seed, num_workers=d.num_workers,
                              image_size=self.image_size, start_step=start_step,
-                             steps_per_epoch=self.cfg.train.steps_per_epoch, augment=False)
+                             steps_per_epoch=self.cfg.train.steps_per_epoch, cache_dir=d.cache_dir,
+                             decode_cache=d.decode_cache, device=self.device,
+                             ranks_per_node=self.dist.local_world_size)
 
     def _seed_rank(self, epoch: int) -> None:
         seed = (self.cfg.seed * 1_000_003 + epoch * 7919 + self.dist.rank) % (2 ** 31)
@@ -200,17 +202,13 @@ class Trainer:
         np.random.seed(seed)
 
     def _tags(self) -> dict[str, str]:
-        import hashlib
-
-        manifest_file = Path(self.cfg.data.shards) / "manifest.json"
         return {
             "world_size": str(self.dist.world_size),
             "nodes": str(self.dist.num_nodes),
             "engine": self.cfg.engine.backend,
             "dist_backend": str(self.dist.backend or "none"),
             "device": self.device.type,
-            "dataset_manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
-            "dataset_format": str(self.manifest.get("source_format", "unknown")),
+            **shard_set_tags(self.cfg.data.shards),   # locations, formats, manifest sha256
             # tracking.tags last: e.g. mlflow.parentRunId (launch/ablate.py nests its runs this way)
             **{key: str(value) for key, value in flatten(self.cfg.tracking.tags).items()},
         }
@@ -552,7 +550,8 @@ class Trainer:
             for buf in self.model.buffers():
                 torch.distributed.broadcast(buf, src=0)
         out_dir = self.out / "eval" / (tag or f"epoch-{self.epoch + 1:04d}")
-        result = evaluate(self._eval_network(), cfg.data.shards, image_size=self.image_size, device=self.device,
+        shards = eval_source(cfg.data.shards, cfg.eval.shards, cache_dir=cfg.data.cache_dir)
+        result = evaluate(self._eval_network(), shards, image_size=self.image_size, device=self.device,
                           distance=cfg.eval.distance, rerank=cfg.eval.rerank, batch_size=cfg.eval.batch_size,
                           max_rank=cfg.eval.max_rank, output_dir=str(out_dir) if self.dist.is_main else None,
                           plots=cfg.eval.plots)
