@@ -1,5 +1,5 @@
 """The AlignedReID ablation in one command: what the aligned local loss, mutual learning, the local
-distance at test and re-ranking each buy on your data (pipeline/ablation.py has the details).
+distance at test and re-ranking each buy on your data (pipeline/ablation/ has the details).
 
     python launch/ablate.py --config configs/demo.yaml --shards DIR --seeds 3 --out ablation/ \\
         [--variants global,aligned,mutual] [--nproc 2] [--tracking-uri URI] [--experiment NAME] \\

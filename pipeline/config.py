@@ -28,7 +28,11 @@ from .typed_yaml import ConfigError, build_dataclass, flatten, parse_override, s
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    shards: str = "demo_out/shards"          # directory with manifest.json + *.tar
+    # Shard location(s): a folder, file://, http(s)://, pipe:CMD with {name}, s3:// (pipeline/data/locations.py);
+    # a list trains several shard sets as one (pids namespaced per set, labels contiguous over the union).
+    shards: str | list[str] = "demo_out/shards"
+    cache_dir: str | None = None             # node-local copy of remote shards (downloaded once per node)
+    decode_cache: str = "none"               # none | host | device: decode each train image once, keep it
     p: int = 16                              # identities per batch (per rank)
     k: int = 4                               # images per identity
     num_workers: int = 2                     # DataLoader workers per rank
@@ -110,6 +114,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    shards: int | str | None = None          # set to evaluate: index into data.shards or a location; null = the first
     every_epochs: int = 10                   # 0 disables evaluation during training
     at_start: bool = False                   # also evaluate the initial model (a baseline to beat)
     final: bool = True                       # evaluate after the last epoch
@@ -168,6 +173,7 @@ CHOICES = {
     "engine.backend": ("ddp", "deepspeed"),
     "engine.dist_backend": ("auto", "gloo", "nccl"),
     "eval.distance": ("global", "local", "global+local"),
+    "data.decode_cache": ("none", "host", "device"),
 }
 
 
@@ -230,6 +236,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             bad(key, f"is {flat[key]!r}; must be one of {list(allowed)}.{hint}")
     d = cfg.data
+    if isinstance(d.shards, list) and not d.shards:
+        bad("data.shards", "is an empty list; give one shard location or a list of them")
+    sets = len(d.shards) if isinstance(d.shards, list) else 1
+    if isinstance(cfg.eval.shards, int) and not 0 <= cfg.eval.shards < sets:
+        bad("eval.shards", f"is {cfg.eval.shards}, but data.shards has {sets} set(s): use 0..{sets - 1}, "
+            "a location, or null for the first set")
     if d.p < 2:
         bad("data.p", f"is {d.p}; batch-hard mining needs at least 2 identities per batch")
     if d.k < 2:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipeline.data.stream import decode
+from pipeline.data.images import decode
 from pipeline.data.transforms import normalize, resize
 from pipeline.fileio import atomic_path
 from pipeline.checkpoint import model_from_checkpoint, resolve_checkpoint  # noqa: F401 (resolve_checkpoint: public here too)
@@ -119,8 +119,8 @@ class FeatureExtractor:
     sqlite:///mlflow.db), or a local copy of such a model (a directory with an MLmodel file).
     images: one or a list of image paths, PIL images, or tensors [3, H, W]; or a batch tensor
     [N, 3, H, W]. Tensors are uint8 in [0, 255] or float in [0, 1] (not yet normalised), any size.
-    Image files go through exactly the evaluation's decoder (pipeline.data.stream.decode: PIL,
-    bilinear resize), so a file's features equal those `evaluate` computes for it from the shards;
+    Image files go through exactly the evaluation's decoder (pipeline.data.images.decode: PIL's
+    pixels, bilinear resize), so a file's features equal those `evaluate` computes for it from the shards;
     PIL images get the same resize, tensors an antialiased bilinear one.
     image_size: defaults to the size the network was trained at."""
 

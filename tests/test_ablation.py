@@ -1,4 +1,4 @@
-"""The ablation (pipeline/ablation.py, launch/ablate.py).
+"""The ablation (pipeline/ablation/, launch/ablate.py).
 
 Pure parts, no training: statistics over seeds and paired gains, the table's formatting, argument and
 override handling, the refusal of a command that does not match what an earlier one trained, the

@@ -1,4 +1,4 @@
-"""The training stream's properties 1-7 (one test each) and the evaluation readers, on real shards.
+"""The training stream's properties 1-7 (one test each), on real shards.
 
 World sizes are simulated by calling `train_batches` with each rank in one process (the stream's plan
 depends only on the manifest and (seed, epoch, rank, world_size)); num_workers=2 uses real DataLoader
@@ -6,7 +6,6 @@ worker processes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -15,22 +14,20 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from pipeline.data import eval_batches, load_manifest, read_images, train_batches
+from pipeline.data import load_manifest, train_batches
 from pipeline.data import shards as shards_mod
 from pipeline.data import stream
 from pipeline.data.datasets import parse_market1501
-from pipeline.data.shards import ShardError, write_shards
+from pipeline.data.shards import ShardError, read_samples, split_layout, write_shards
 from pipeline.data.synthetic import make_synthetic
 
 SIZE = (64, 32)
 
 
 def epoch(shards, *, p, k, rank=0, world_size=1, num_workers=0, **kw) -> list[dict]:
-    kw.setdefault("augment", False)
     return list(train_batches(shards, p=p, k=k, rank=rank, world_size=world_size, epoch=kw.pop("epoch", 0),
                               num_workers=num_workers, image_size=SIZE, **kw))
 
@@ -86,8 +83,7 @@ def test_p2_every_rank_yields_the_same_number_of_batches(tiny_shards, uneven_sha
             want = steps or max(1, images // (world_size * p * k))
             for rank in range(world_size):
                 loader = train_batches(shards, p=p, k=k, rank=rank, world_size=world_size, epoch=1,
-                                       num_workers=num_workers, image_size=SIZE, steps_per_epoch=steps,
-                                       augment=False)
+                                       num_workers=num_workers, image_size=SIZE, steps_per_epoch=steps)
                 assert len(loader) == want
                 assert sum(1 for _ in loader) == want
 
@@ -131,20 +127,17 @@ def test_p4_an_epoch_uses_at_least_90_percent_of_the_images(tiny_shards, uneven_
 @pytest.mark.timeout(90)
 def test_p5_deterministic_epochs_differ_and_resume_replays_without_decoding(tiny_shards, monkeypatch):
     p, k, world_size = 4, 2, 2
-    for augment in (False, True):
-        base = epoch(tiny_shards, p=p, k=k, rank=1, world_size=world_size, augment=augment)
-        assert base[0]["images"].dtype == (torch.float32 if augment else torch.uint8)
-        assert same_batches(base, epoch(tiny_shards, p=p, k=k, rank=1, world_size=world_size, augment=augment))
-        # batches do not even depend on the worker count
-        assert same_batches(base, epoch(tiny_shards, p=p, k=k, rank=1, world_size=world_size,
-                                        augment=augment, num_workers=2))
+    base = epoch(tiny_shards, p=p, k=k, rank=1, world_size=world_size)
+    assert base[0]["images"].dtype == torch.uint8      # augmentation is the trainer's, on its device
+    assert same_batches(base, epoch(tiny_shards, p=p, k=k, rank=1, world_size=world_size))
+    # batches do not even depend on the worker count
+    assert same_batches(base, epoch(tiny_shards, p=p, k=k, rank=1, world_size=world_size, num_workers=2))
     for change in ({"epoch": 1}, {"seed": 1}, {"rank": 0}):
-        assert not same_batches(base, epoch(tiny_shards, p=p, k=k, world_size=world_size, augment=True,
-                                            **{"rank": 1, **change}))
+        assert not same_batches(base, epoch(tiny_shards, p=p, k=k, world_size=world_size, **{"rank": 1, **change}))
 
     decoded = []
-    real_decode = stream.decode
-    monkeypatch.setattr(stream, "decode", lambda data, size: decoded.append(1) or real_decode(data, size))
+    real_decode = stream.decode_rgb
+    monkeypatch.setattr(stream, "decode_rgb", lambda data, size: decoded.append(1) or real_decode(data, size))
     full = epoch(tiny_shards, p=p, k=k, rank=1, world_size=world_size)
     start = 3
     decoded.clear()
@@ -160,7 +153,8 @@ def test_p5_deterministic_epochs_differ_and_resume_replays_without_decoding(tiny
 @pytest.mark.timeout(90)
 def test_p6_streams_sequentially_decodes_only_batch_images_and_memory_is_bounded(
         tiny_dataset, tmp_path, monkeypatch):
-    """Shards are opened in streaming mode ('r|', no seeking); only the images of the batches are decoded;
+    """Shards are read as streams (webdataset's tar iteration, mode 'r|*', no seeking); only the images of
+    the batches are decoded;
     what a worker holds at once (the raw samples of one window) does not grow with the dataset."""
     big_raw = tmp_path / "big"
     make_synthetic(big_raw, train_ids=48, test_ids=2, seed=1, image_size=SIZE, images_per_id=12, progress=False)
@@ -170,11 +164,11 @@ def test_p6_streams_sequentially_decodes_only_batch_images_and_memory_is_bounded
     write_shards(parse_market1501(tiny_dataset), small, images_per_shard=40, progress=False)
 
     opens, held, decoded = [], [], []
-    real_open, real_fetch, real_decode = tarfile.open, stream._TrainSteps._fetch, stream.decode
+    real_open, real_fetch, real_decode = tarfile.open, stream._TrainSteps.fetch, stream.decode_rgb
 
-    def spy_open(name, mode="r", *a, **kw):
-        opens.append((Path(name).name, mode))
-        return real_open(name, mode, *a, **kw)
+    def spy_open(name=None, mode="r", fileobj=None, **kw):
+        opens.append((Path(repr(fileobj) if name is None else name).name, mode))
+        return real_open(name, mode, fileobj, **kw)
 
     def spy_fetch(self, batches):
         raw = real_fetch(self, batches)
@@ -182,13 +176,13 @@ def test_p6_streams_sequentially_decodes_only_batch_images_and_memory_is_bounded
         return raw
 
     monkeypatch.setattr(shards_mod.tarfile, "open", spy_open)
-    monkeypatch.setattr(stream._TrainSteps, "_fetch", spy_fetch)
-    monkeypatch.setattr(stream, "decode", lambda data, size: decoded.append(1) or real_decode(data, size))
+    monkeypatch.setattr(stream._TrainSteps, "fetch", spy_fetch)
+    monkeypatch.setattr(stream, "decode_rgb", lambda data, size: decoded.append(1) or real_decode(data, size))
     peaks = {}
     for name, shards in (("small", small), ("big", big)):
         opens.clear(), held.clear(), decoded.clear()
         batches = epoch(shards, p=2, k=2, window_images=48, verify=False)
-        assert {mode for _, mode in opens} == {"r|"}
+        assert {mode for _, mode in opens} == {"r|*"}
         per_shard = Counter(n for n, _ in opens)
         assert max(per_shard.values()) <= 3, per_shard       # a shard is read once per window it spans
         assert len(decoded) == sum(len(set(b["index"].tolist())) for b in batches)
@@ -217,17 +211,17 @@ def test_p7_corrupt_images_are_skipped_and_counted(tiny_dataset, tmp_path):
     p, k, steps = 4, 4, 12                                   # 12 steps x 16 images: every image drawn
     with pytest.warns(UserWarning, match="corrupt image"):
         loader = train_batches(out, p=p, k=k, rank=0, world_size=1, epoch=0, image_size=SIZE,
-                               steps_per_epoch=steps, augment=False)
+                               steps_per_epoch=steps)
         batches = list(loader)
     assert len(batches) == steps and all(b["images"].shape[0] == p * k for b in batches)
     assert loader.stats["corrupt_images"] >= len(victims)
     sources = {s.meta["index"]: s.meta["source"]
-               for e, first in shards_mod.split_layout(load_manifest(out), "train")
-               for s in shards_mod.iter_samples(out / e["name"], "train", first, e["samples"])}
+               for e, first in split_layout(load_manifest(out), "train")
+               for s in read_samples(out, "train", e, first, list(range(e["samples"])), False).values()}
     bad = {i for i, src in sources.items() if Path(src).name in {v.name for v in victims}}
     assert not bad & {i for b in batches for i in b["index"].tolist()}, "corrupt images reached a batch"
     workers = train_batches(out, p=p, k=k, rank=0, world_size=1, epoch=0, image_size=SIZE,
-                            steps_per_epoch=steps, augment=False, num_workers=2)
+                            steps_per_epoch=steps, num_workers=2)
     list(workers)
     assert workers.stats["corrupt_images"] == loader.stats["corrupt_images"]   # summed over workers
 
@@ -236,7 +230,7 @@ def test_p7_corrupt_images_are_skipped_and_counted(tiny_dataset, tmp_path):
 def test_p7_bad_shards_are_errors_naming_the_shard(tiny_shards, tmp_path):
     manifest = load_manifest(tiny_shards)
     name = manifest["splits"]["train"]["shards"][1]["name"]
-    kw = dict(p=4, k=2, rank=0, world_size=1, epoch=0, image_size=SIZE, augment=False)
+    kw = dict(p=4, k=2, rank=0, world_size=1, epoch=0, image_size=SIZE)
 
     missing = _copy(tiny_shards, tmp_path / "missing")
     (missing / name).unlink()
@@ -265,7 +259,7 @@ def test_p7_bad_shards_are_errors_naming_the_shard(tiny_shards, tmp_path):
 @pytest.mark.timeout(60)
 def test_p7_a_dead_worker_is_an_error_not_a_hang(tiny_shards):
     loader = train_batches(tiny_shards, p=4, k=2, rank=0, world_size=1, epoch=0, image_size=SIZE,
-                           steps_per_epoch=400, augment=False, num_workers=2, timeout_s=30)
+                           steps_per_epoch=400, num_workers=2, timeout_s=30)
     iterator = iter(loader)
     next(iterator)
     import psutil
@@ -280,53 +274,3 @@ def test_p7_a_dead_worker_is_an_error_not_a_hang(tiny_shards):
     assert time.monotonic() - started < 30
     iterator.close()
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-@pytest.mark.timeout(60)
-def test_eval_batches_partition_the_split_in_order(tiny_shards):
-    manifest = load_manifest(tiny_shards)
-    for split in ("query", "gallery"):
-        total = manifest["splits"][split]["images"]
-        reference = None
-        for world_size in (1, 2, 3):
-            parts = []
-            for rank in range(world_size):
-                loader = eval_batches(tiny_shards, split, batch_size=7, image_size=SIZE, rank=rank,
-                                      world_size=world_size)
-                batches = list(loader)
-                assert len(batches) == len(loader)
-                assert all(b["images"].dtype == torch.float32 and b["images"].shape[1:] == (3, *SIZE)
-                           for b in batches)
-                parts.append(torch.cat([b["index"] for b in batches]) if batches else torch.empty(0))
-                if world_size == 1:
-                    reference = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
-            joined = torch.cat(parts)
-            assert joined.tolist() == list(range(total))     # disjoint, complete, in order
-        if split == "gallery":
-            workers = list(eval_batches(tiny_shards, split, batch_size=7, image_size=SIZE, num_workers=2))
-            assert all(torch.equal(torch.cat([b[key] for b in workers]), reference[key]) for key in reference)
-
-
-def test_read_images_returns_the_indexed_originals(tiny_shards):
-    manifest = load_manifest(tiny_shards)
-    total = manifest["splits"]["gallery"]["images"]
-    indices = [total - 1, 0, total // 2]
-    images = read_images(tiny_shards, "gallery", indices)
-    batches = list(eval_batches(tiny_shards, "gallery", batch_size=total, image_size=SIZE))
-    for index, image in zip(indices, images):
-        assert image.size == (SIZE[1], SIZE[0]) and image.mode == "RGB"
-        expected = stream.transforms.normalize(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])
-        assert torch.allclose(batches[0]["images"][index], expected[0])
-    with pytest.raises(IndexError):
-        read_images(tiny_shards, "gallery", [total])
-
-
-def test_plan_is_a_pure_function_of_its_inputs(tiny_shards):
-    manifest = load_manifest(tiny_shards)
-    kw = dict(p=4, k=2, rank=0, world_size=2, epoch=5, seed=3, steps=6)
-    a = [b for _, b in stream.plan_epoch(manifest, **kw)]
-    assert a == [b for _, b in stream.plan_epoch(manifest, **kw)]
-    digest = hashlib.sha256(repr(a).encode()).hexdigest()
-    assert digest != hashlib.sha256(repr([b for _, b in stream.plan_epoch(manifest, **{**kw, "rank": 1})]
-                                         ).encode()).hexdigest()

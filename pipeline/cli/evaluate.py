@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline import distributed as D
-    from pipeline.evaluation import evaluate
     from pipeline.checkpoint import model_from_checkpoint
+    from pipeline.data import eval_source
+    from pipeline.evaluation import evaluate
 
     try:   # read once: a file, or a directory's newest usable checkpoint
         model, info = model_from_checkpoint(args.checkpoint)
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     rerank = cfg.eval.rerank if args.rerank is None else args.rerank
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(checkpoint)
     try:
-        result = evaluate(model.to(dist.device), cfg.data.shards, image_size=image_size,
+        shards = eval_source(cfg.data.shards, cfg.eval.shards, cache_dir=cfg.data.cache_dir)
+        result = evaluate(model.to(dist.device), shards, image_size=image_size,
                           device=dist.device, distance=distance, rerank=rerank,
                           batch_size=cfg.eval.batch_size, max_rank=cfg.eval.max_rank,
                           output_dir=output_dir if dist.is_main else None, plots=cfg.eval.plots,

@@ -1,11 +1,46 @@
-"""Data layer: dataset parsers -> WebDataset shards -> identity-balanced P×K batches on every rank.
+"""Data layer: dataset parsers -> WebDataset shards (anywhere) -> identity-balanced P×K batches on every rank.
 
     python launch/prepare_data.py --format market1501 --root Market-1501 --out shards/market
     batches = train_batches("shards/market", p=16, k=4, rank=r, world_size=w, epoch=e)
+    batches = train_batches(["http://host/market/", "pipe:cat /data/duke/{name}"], ...,
+                            cache_dir="/local/shards", decode_cache="host")
+
+Modules: datasets (format parsers), synthetic, shards (writer, manifest, tar reader), locations (where
+shards live: folders, URLs, pipe: commands; retries; node-local cache), plan (the pure epoch plan over
+one or several shard sets), images (decoding), decoded (decode-once caches), stream (the train stream),
+evalset (evaluation batches and single images), transforms (device-side augmentation).
 """
 from . import datasets, shards, synthetic, transforms
-from .shards import ShardError, load_manifest
-from .stream import eval_batches, read_images, train_batches
+from .decoded import DecodeCache, release_caches
+from .evalset import eval_batches, eval_source, read_images
+from .locations import ShardError, ShardSource
+from .plan import TrainSets, epoch_steps
+from .shards import load_manifest, manifest_sha256
+from .stream import train_batches
 
-__all__ = ["datasets", "shards", "synthetic", "transforms", "ShardError", "load_manifest", "train_batches",
-           "eval_batches", "read_images"]
+
+def _sets(shards) -> list:
+    return list(shards) if isinstance(shards, (list, tuple)) else [shards]
+
+
+def load_manifests(shards) -> list[dict]:
+    """The manifest of each shard set of `shards` (one location or a list: data.shards)."""
+    return [load_manifest(s) for s in _sets(shards)]
+
+
+def shard_set_tags(shards) -> dict[str, str]:
+    """Run tags that identify the training data: the locations, the formats, and the sha256 of the
+    manifest file (of the manifests' sha256s joined by commas, for several sets)."""
+    import hashlib
+
+    sets = _sets(shards)
+    digests = [manifest_sha256(s) for s in sets]
+    return {"dataset_shards": " | ".join(map(str, sets)),
+            "dataset_manifest_sha256": digests[0] if len(digests) == 1 else
+            hashlib.sha256(",".join(digests).encode()).hexdigest(),
+            "dataset_format": "+".join(str(m.get("source_format", "unknown")) for m in load_manifests(sets))}
+
+
+__all__ = ["datasets", "shards", "synthetic", "transforms", "ShardError", "ShardSource", "DecodeCache",
+           "TrainSets", "load_manifest", "load_manifests", "shard_set_tags", "manifest_sha256", "epoch_steps",
+           "train_batches", "eval_batches", "eval_source", "read_images", "release_caches"]

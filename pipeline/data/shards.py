@@ -18,8 +18,9 @@ Why the layout looks like this:
   is removed first and the new one written last, so a failed run never leaves a manifest pointing at
   partial or mismatching shards.
 
-Reading never uses member names as paths: members are parsed as `<key>.<ext>`, checked against the
-position the manifest predicts, and their bytes returned.
+Reading (`iter_samples`, `read_samples`) streams a shard from any location (locations.py) through
+webdataset's tar iteration, never uses member names as paths, checks that every member is at the
+position the manifest predicts, and has the stream verify the shard's sha256 (locations.py says when).
 """
 from __future__ import annotations
 
@@ -33,23 +34,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+from webdataset.tariterators import tar_file_iterator
 
 from ..fileio import atomic_path, atomic_write
 
+from .images import JPEG_MAGIC
 from .datasets import SPLITS, ParsedDataset, Record
+from .locations import ShardError, ShardSource, as_source, finish_shard
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_IMAGES_PER_SHARD = 1000
 SHARD_NAME = re.compile(r"^(train|query|gallery)-(\d{6})\.tar$")
 MEMBER_NAME = re.compile(r"^(train|query|gallery)_(\d{8,})\.(jpg|png|json)$")
-JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so re-runs give byte-identical shards
-
-
-class ShardError(RuntimeError):
-    """A shard or manifest is missing, truncated, tampered with or inconsistent (the message names it)."""
 
 
 def shard_name(split: str, number: int) -> str:
@@ -193,140 +192,77 @@ def format_summary(manifest: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # Manifest
 # --------------------------------------------------------------------------------------------------
-def _check(cond: bool, where: Path, msg: str) -> None:
+def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ShardError(f"{where}: {msg}; re-run launch/prepare_data.py to rebuild the shards")
 
 
-def load_manifest(shards_dir: str | Path) -> dict:
-    """Read and validate `shards_dir/manifest.json`; errors name the file and the key at fault."""
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path} not found: {shards_dir} holds no shards. Create them with "
+_REMOTE_MANIFESTS: dict[str, dict] = {}   # a remote manifest is read once per process
+
+
+def load_manifest(shards: str | Path | ShardSource) -> dict:
+    """Read and validate the manifest of a shard set (a location or a ShardSource); errors name the file
+    or URL and the key at fault. A remote manifest is fetched once per process."""
+    source = as_source(shards)
+    where = source.url(MANIFEST)
+    if source.remote and where in _REMOTE_MANIFESTS:
+        return _REMOTE_MANIFESTS[where]
+    if not source.remote and not Path(where).is_file():
+        raise ShardError(f"{where} not found: {source} holds no shards. Create them with "
                          "`python launch/prepare_data.py --format FORMAT --root DIR --out "
-                         f"{shards_dir}` (or launch/make_synthetic.py for the synthetic set)")
+                         f"{source}` (or launch/make_synthetic.py for the synthetic set)")
     try:
-        manifest = json.loads(path.read_text())
+        raw = source.read_bytes(MANIFEST)
+    except ShardError as exc:
+        raise ShardError(f"{where} not found or unreachable ({exc}): is {source} the right shard "
+                         "location?") from None
+    try:
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{path}: not valid JSON ({exc}); re-run launch/prepare_data.py") from None
-    _check(isinstance(manifest, dict), path, "top level must be an object")
-    _check(manifest.get("format_version") == FORMAT_VERSION, path,
-           f"format_version is {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    for key in ("source_format", "num_classes", "label_map", "splits"):
-        _check(key in manifest, path, f"missing key '{key}'")
-    splits = manifest["splits"]
-    for split in SPLITS:
-        _check(split in splits, path, f"missing key 'splits.{split}'")
-        s = splits[split]
-        for key in ("images", "identities", "shards"):
-            _check(key in s, path, f"missing key 'splits.{split}.{key}'")
-        _check(len(s["shards"]) > 0, path, f"'splits.{split}.shards' is empty")
-        for i, entry in enumerate(s["shards"]):
-            where = f"splits.{split}.shards[{i}]"
-            for key in ("name", "samples", "identities", "sha256"):
-                _check(key in entry, path, f"missing key '{where}.{key}'")
-            m = SHARD_NAME.match(str(entry["name"]))
-            _check(m is not None and m.group(1) == split, path,
-                   f"'{where}.name' is {entry['name']!r}; expected {shard_name(split, i)}")
-            if split == "train":
-                _check("ids" in entry, path, f"missing key '{where}.ids'")
-                _check(sum(c for _, c in entry["ids"]) == entry["samples"], path,
-                       f"'{where}.ids' counts do not add up to its {entry['samples']} samples")
-        _check(sum(e["samples"] for e in s["shards"]) == s["images"], path,
-               f"'splits.{split}.images' is {s['images']} but its shards hold "
-               f"{sum(e['samples'] for e in s['shards'])}")
-    train_pids = {pid for e in splits["train"]["shards"] for pid, _ in e["ids"]}
-    _check(len(manifest["label_map"]) == manifest["num_classes"] == len(train_pids), path,
-           "'num_classes', 'label_map' and the train identities disagree")
-    _check({int(p) for p in manifest["label_map"]} == train_pids, path,
-           "'label_map' does not cover exactly the train identities")
+        raise ShardError(f"{where}: not valid JSON ({exc}); re-run launch/prepare_data.py") from None
+    validate_manifest(manifest, where)
+    if source.remote:
+        _REMOTE_MANIFESTS[where] = manifest
     return manifest
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------
-_VERIFIED: set[tuple[str, int, int]] = set()
+def manifest_sha256(shards: str | Path | ShardSource) -> str:
+    """sha256 of the manifest file's bytes (recorded as a run tag)."""
+    return hashlib.sha256(as_source(shards).read_bytes(MANIFEST)).hexdigest()
 
 
-def check_shard(path: Path, entry: dict, verify: bool) -> None:
-    """Existence and size always; the sha256 once per process per shard file when `verify`."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise ShardError(f"shard {path} is missing (listed in {path.parent / MANIFEST}); re-run "
-                         "launch/prepare_data.py or restore the file") from None
-    if "bytes" in entry and stat.st_size != entry["bytes"]:
-        raise ShardError(f"shard {path} has {stat.st_size} bytes, the manifest says {entry['bytes']}: "
-                         "truncated or replaced; re-run launch/prepare_data.py")
-    if not verify:
-        return
-    ident = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if ident in _VERIFIED:
-        return
-    actual = _sha256(path)
-    if actual != entry["sha256"]:
-        raise ShardError(f"shard {path}: sha256 {actual} does not match the manifest's {entry['sha256']} "
-                         "(corrupted or modified); re-run launch/prepare_data.py")
-    _VERIFIED.add(ident)
-
-
-@dataclass
-class Sample:
-    position: int        # position within the shard
-    key: str
-    image: bytes
-    meta: dict
-
-
-def iter_samples(path: Path, split: str, first_index: int, samples: int,
-                 positions: list[int] | None = None) -> Iterator[Sample]:
-    """Stream a shard sequentially, yielding the samples at `positions` (all when None) in shard order
-    and stopping after the last one; only those members' bytes are read into memory. Member names
-    are parsed and checked against the expected keys, never used as paths."""
-    wanted = None if positions is None else set(positions)
-    last = samples - 1 if positions is None else max(positions, default=-1)
-    if last < 0:
-        return
-    position, current, parts = -1, None, {}
-
-    def sample() -> Sample:
-        exts = set(parts)
-        if exts not in ({"jpg", "json"}, {"png", "json"}):
-            raise ShardError(f"shard {path}: sample {current} has members {sorted(exts)}, expected an "
-                             "image (.jpg or .png) and a .json")
-        meta = json.loads(parts["json"])
-        if meta.get("index") != first_index + position:
-            raise ShardError(f"shard {path}: sample {current} says index {meta.get('index')}, expected "
-                             f"{first_index + position}")
-        return Sample(position, current, parts.get("jpg") or parts["png"], meta)
-
-    try:
-        with tarfile.open(path, "r|") as tar:
-            for member in tar:
-                m = MEMBER_NAME.match(member.name)
-                if not member.isfile() or m is None or m.group(1) != split:
-                    raise ShardError(f"shard {path}: unexpected member {member.name!r}")
-                key = f"{m.group(1)}_{m.group(2)}"
-                if key != current:
-                    if current is not None and (wanted is None or position in wanted):
-                        yield sample()
-                        if position == last:
-                            return
-                    current, parts, position = key, {}, position + 1
-                    expected = sample_key(split, first_index + position)
-                    if key != expected:
-                        raise ShardError(f"shard {path}: sample {position} is {key!r}, expected {expected!r}")
-                keep = wanted is None or position in wanted
-                parts[m.group(3)] = tar.extractfile(member).read() if keep else b""
-    except tarfile.TarError as exc:
-        raise ShardError(f"shard {path} is truncated or not a tar file ({exc}); re-run "
-                         "launch/prepare_data.py") from None
-    if current is not None and position == last:
-        yield sample()
-        return
-    raise ShardError(f"shard {path} ends after {position + 1} samples but the manifest lists {samples} "
-                     "(truncated?); re-run launch/prepare_data.py")
+def validate_manifest(manifest: dict, where: str) -> None:
+    _check(isinstance(manifest, dict), where, "top level must be an object")
+    _check(manifest.get("format_version") == FORMAT_VERSION, where,
+           f"format_version is {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    for key in ("source_format", "num_classes", "label_map", "splits"):
+        _check(key in manifest, where, f"missing key '{key}'")
+    splits = manifest["splits"]
+    for split in SPLITS:
+        _check(split in splits, where, f"missing key 'splits.{split}'")
+        s = splits[split]
+        for key in ("images", "identities", "shards"):
+            _check(key in s, where, f"missing key 'splits.{split}.{key}'")
+        _check(len(s["shards"]) > 0, where, f"'splits.{split}.shards' is empty")
+        for i, entry in enumerate(s["shards"]):
+            at = f"splits.{split}.shards[{i}]"
+            for key in ("name", "samples", "identities", "sha256"):
+                _check(key in entry, where, f"missing key '{at}.{key}'")
+            m = SHARD_NAME.match(str(entry["name"]))
+            _check(m is not None and m.group(1) == split, where,
+                   f"'{at}.name' is {entry['name']!r}; expected {shard_name(split, i)}")
+            if split == "train":
+                _check("ids" in entry, where, f"missing key '{at}.ids'")
+                _check(sum(c for _, c in entry["ids"]) == entry["samples"], where,
+                       f"'{at}.ids' counts do not add up to its {entry['samples']} samples")
+        _check(sum(e["samples"] for e in s["shards"]) == s["images"], where,
+               f"'splits.{split}.images' is {s['images']} but its shards hold "
+               f"{sum(e['samples'] for e in s['shards'])}")
+    train_pids = {pid for e in splits["train"]["shards"] for pid, _ in e["ids"]}
+    _check(len(manifest["label_map"]) == manifest["num_classes"] == len(train_pids), where,
+           "'num_classes', 'label_map' and the train identities disagree")
+    _check({int(p) for p in manifest["label_map"]} == train_pids, where,
+           "'label_map' does not cover exactly the train identities")
 
 
 def split_layout(manifest: dict, split: str) -> list[tuple[dict, int]]:
@@ -338,12 +274,88 @@ def split_layout(manifest: dict, split: str) -> list[tuple[dict, int]]:
     return out
 
 
-def read_samples(shards_dir: str | Path, split: str, entry: dict, first_index: int, positions: list[int],
-                 verify: bool) -> dict[int, Sample]:
-    """The samples at `positions` of one shard, in one sequential pass."""
-    path = Path(shards_dir) / entry["name"]
-    check_shard(path, entry, verify)
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    position: int        # position within the shard
+    key: str
+    image: bytes
+    meta: dict
+
+
+def iter_samples(stream, split: str, first_index: int, samples: int,
+                 positions: list[int] | None = None) -> Iterator[Sample]:
+    """Samples at `positions` (all when None) of one open shard `stream`, in shard order, stopping after
+    the last one. webdataset's tar iteration reads the members; only the wanted members' bytes are kept.
+    Every member name is checked against the position the manifest predicts (never used as a path)."""
+    where = f"shard {stream!r}"
+    wanted = None if positions is None else set(positions)
+    last = samples - 1 if positions is None else max(positions, default=-1)
+    if last < 0:
+        return
+    seen = {"position": -1, "key": None, "members": 0}
+
+    def select(name: str) -> bool:
+        """Called for every member in order: checks its place, says whether to read its bytes."""
+        m = MEMBER_NAME.match(name)
+        if m is None or m.group(1) != split:
+            raise ShardError(f"{where}: unexpected member {name!r}")
+        key = f"{m.group(1)}_{m.group(2)}"
+        if key != seen["key"]:
+            if seen["key"] is not None and seen["members"] != 2:
+                raise ShardError(f"{where}: sample {seen['key']} has {seen['members']} members, expected an "
+                                 "image (.jpg or .png) and a .json")
+            seen.update(position=seen["position"] + 1, key=key, members=0)
+            expected = sample_key(split, first_index + seen["position"])
+            if key != expected:
+                raise ShardError(f"{where}: sample {seen['position']} is {key!r}, expected {expected!r}")
+        seen["members"] += 1
+        if seen["members"] > 2:
+            raise ShardError(f"{where}: sample {key} has more than two members")
+        return wanted is None or seen["position"] in wanted
+
+    parts: dict[str, bytes] = {}
+    current = None
+    try:
+        for member in tar_file_iterator(stream, select_files=select):
+            key, ext = member["fname"].split(".")
+            if key != current:
+                current, parts = key, {}
+            parts[ext] = member["data"]
+            if len(parts) < 2:
+                continue
+            if set(parts) not in ({"jpg", "json"}, {"png", "json"}):
+                raise ShardError(f"{where}: sample {key} has members {sorted(parts)}, expected an image "
+                                 "(.jpg or .png) and a .json")
+            position = int(key.split("_")[1]) - first_index
+            meta = json.loads(parts["json"])
+            if meta.get("index") != first_index + position:
+                raise ShardError(f"{where}: sample {key} says index {meta.get('index')}, expected "
+                                 f"{first_index + position}")
+            yield Sample(position, key, parts.get("jpg") or parts["png"], meta)
+            if position == last:
+                return
+    except tarfile.TarError as exc:
+        raise ShardError(f"{where} is truncated or not a tar file ({exc}); re-run "
+                         "launch/prepare_data.py") from None
+    raise ShardError(f"{where} ends after {seen['position'] + 1} samples but the manifest lists {samples} "
+                     "(truncated?); re-run launch/prepare_data.py")
+
+
+def read_samples(shards: str | Path | ShardSource, split: str, entry: dict, first_index: int,
+                 positions: list[int], verify: bool) -> dict[int, Sample]:
+    """The samples at `positions` of one shard, in one sequential pass (then verified, see locations.py)."""
+    source = as_source(shards)
     bad = [p for p in positions if not 0 <= p < entry["samples"]]
     if bad:
-        raise ShardError(f"shard {path}: positions {bad[:5]} outside its {entry['samples']} samples")
-    return {s.position: s for s in iter_samples(path, split, first_index, entry["samples"], positions)}
+        raise ShardError(f"shard {source.url(entry['name'])}: positions {bad[:5]} outside its "
+                         f"{entry['samples']} samples")
+    stream, check = source.open_shard(entry, verify)
+    try:
+        found = {s.position: s for s in iter_samples(stream, split, first_index, entry["samples"], positions)}
+        finish_shard(stream, check)
+    finally:
+        stream.close()
+    return found

@@ -1,351 +1,214 @@
-"""The training stream: identity-balanced P×K batches on every rank, read sequentially from shards.
+"""The training stream: identity-balanced P×K uint8 batches on every rank, read sequentially from shards.
 
-How an epoch is made (every step is a pure function of the manifest and (seed, epoch, rank,
-world_size), so every process computes the same plan without talking to the others):
+The plan (plan.py) fixes which images make every step from the manifests and (seed, epoch, rank,
+world_size). This module turns it into pixels:
 
-1. Identities to ranks. The train shards are permuted with a seed all ranks share; their identities,
-   in shard order, form one stream that is cut into `world_size` contiguous segments of about equal
-   image count, each with at least P identities. Segments are disjoint, so in every step different
-   ranks hold different identities (property 3), and each rank reads about 1/world_size of the data.
-   With fewer than world_size·P identities, disjoint batches are impossible and every rank uses all
-   identities (with its own randomness).
-2. Groups. The rank's epoch has a fixed length (`steps`, the same on every rank) and needs steps·P
-   groups of K images. They are apportioned to identities in proportion to their image counts; each
-   identity's groups walk through a fresh permutation of its images, so images repeat only once all
-   are used (an identity with fewer than K images is sampled with replacement). With balanced
-   segments this uses nearly every image once per epoch (property 4).
-3. Batches. The segment is cut into windows of consecutive identities (`window_images` images, at least
-   2P identities); a window's groups are shuffled and assembled greedily into batches of P distinct
-   identities, a group whose identity is already in the batch waiting for the next one. Leftovers
-   at the end are topped up with fresh groups, so the rank never runs dry (property 2).
-4. Images. Step t goes to DataLoader worker (t - start_step) mod num_workers; PyTorch returns worker
-   outputs round-robin, so batches arrive in step order whatever the worker count. A worker reads
-   the shards of a window once, sequentially, keeping only the bytes of the samples its own steps
-   use, and decodes only those (property 6); skipped steps are never read or decoded (property 5).
-   Augmentation is seeded per step, so the batches do not depend on the number of workers either.
+- Step t goes to DataLoader worker (t - start_step) mod num_workers; PyTorch returns worker outputs
+  round-robin, so batches arrive in step order whatever the worker count. A worker reads the shards
+  of a window once, sequentially, from wherever they are (locations.py: a folder, HTTP, a pipe:
+  command, an object store, or the node-local cache), keeping only the bytes of the samples its own
+  steps use, and decodes only those (images.py); skipped steps are never read or decoded, so a
+  resumed run replays exactly and cheaply.
+- With a decode cache (`decode_cache="host"` or `"device"`, decoded.py) the worker decodes only the
+  images that no earlier step of the epoch uses and that the process has not decoded before, and the
+  training process assembles every batch from the cache; the batches are the same.
+- Augmentation is not done here: batches are uint8 [P·K, 3, H, W] at the training size, and the
+  trainer augments them on the training device with `transforms.TrainAugment` (the one augmentation
+  path; its randomness is the trainer's checkpointed RNG).
 
-Bad input: an undecodable image is replaced by another image of the same identity, with a warning, and
-counted in `.stats["corrupt_images"]`; missing, truncated or modified shards raise `ShardError` naming
-the shard; a worker that dies surfaces as a DataLoader error (with a timeout, never a hang).
+Bad input: an undecodable image is replaced by the next decodable image of the same identity, with a
+warning, and counted in `.stats["corrupt_images"]` (per batch without a cache; once per image with
+one); missing, truncated, modified or unreachable shards raise `ShardError` naming the file or URL; a
+worker that dies surfaces as a DataLoader error (with a timeout, never a hang).
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import warnings
-from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import transforms
-from .shards import ShardError, check_shard, iter_samples, load_manifest, read_samples, split_layout
+from . import decoded as dc
+from .images import decode_rgb, resize_batch
+from .locations import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT_S, ShardError, ShardSource, as_source
+from .plan import DEFAULT_WINDOW_IMAGES, Group, TrainSets, epoch_steps, plan_epoch
+from .shards import load_manifest, read_samples
 
-DEFAULT_WINDOW_IMAGES = 4096
-DEFAULT_TIMEOUT_S = 300.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Randomness: every stream derives from explicit integers, never from global RNG state.
-# --------------------------------------------------------------------------------------------------
-def make_rng(*keys: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
-
-
-def step_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0])
-
-
-_SHARDS, _RANK, _AUGMENT = 1, 2, 3     # stream tags: distinct seeds for distinct purposes
-
-
-# --------------------------------------------------------------------------------------------------
-# Plan (metadata only)
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Identity:
-    shard: int       # index of its train shard
-    pid: int
-    start: int       # position of its first image within the shard
-    count: int
-
-
-@dataclass(frozen=True)
-class Group:
-    identity: Identity
-    positions: tuple[int, ...]   # K positions within the shard
-
-
-def train_identities(manifest: dict) -> list[list[Identity]]:
-    """Identities of every train shard, in shard order (from the manifest's `ids` runs)."""
-    out = []
-    for shard, entry in enumerate(manifest["splits"]["train"]["shards"]):
-        ids, start = [], 0
-        for pid, count in entry["ids"]:
-            ids.append(Identity(shard, int(pid), start, int(count)))
-            start += int(count)
-        out.append(ids)
-    return out
-
-
-def epoch_steps(manifest: dict, p: int, k: int, world_size: int, steps_per_epoch: int | None = None) -> int:
-    """Steps per epoch, identical on every rank: fixed by the manifest unless given."""
-    if steps_per_epoch is not None:
-        return int(steps_per_epoch)
-    return max(1, manifest["splits"]["train"]["images"] // (world_size * p * k))
-
-
-def rank_segment(per_shard: list[list[Identity]], *, p: int, rank: int, world_size: int, epoch: int,
-                 seed: int) -> list[Identity]:
-    """The identities rank `rank` uses this epoch (see the module docstring, step 1)."""
-    order = make_rng(seed, epoch, _SHARDS).permutation(len(per_shard))
-    stream = [ident for s in order for ident in per_shard[s]]
-    n = len(stream)
-    if n < p:
-        raise ValueError(f"the train split has {n} identities, fewer than P={p}; a batch needs P distinct "
-                         "identities: lower data.p")
-    if world_size == 1 or n < world_size * p:
-        return stream
-    cumulative = np.cumsum([ident.count for ident in stream])
-    cuts = [0]
-    for r in range(1, world_size):
-        target = cumulative[-1] * r / world_size
-        i = int(np.searchsorted(cumulative, target))          # the first c with cumulative[c] >= target
-        cut = i if i > 0 and target - cumulative[i - 1] < cumulative[i] - target else i + 1
-        cut = min(max(cut, cuts[-1] + p), n - (world_size - r) * p)
-        cuts.append(cut)
-    cuts.append(n)
-    return stream[cuts[rank]:cuts[rank + 1]]
-
-
-def apportion(weights: list[int], total: int) -> list[int]:
-    """Integers proportional to `weights` summing to `total` (largest remainders)."""
-    w = np.asarray(weights, dtype=np.float64)
-    exact = w * total / w.sum()
-    out = np.floor(exact).astype(np.int64)
-    short = total - int(out.sum())
-    if short:
-        out[np.argsort(-(exact - out), kind="stable")[:short]] += 1
-    return out.tolist()
-
-
-class _Draws:
-    """K positions per draw for each identity, walking fresh permutations of its images."""
-
-    def __init__(self, rng: np.random.Generator, k: int):
-        self.rng, self.k = rng, k
-        self.queues: dict[tuple[int, int], deque] = {}
-
-    def draw(self, ident: Identity) -> Group:
-        n, k = ident.count, self.k
-        if n < k:  # every image once, the rest with replacement
-            picks = list(self.rng.permutation(n)) + list(self.rng.integers(0, n, k - n))
-            return Group(ident, tuple(ident.start + int(x) for x in picks))
-        queue = self.queues.setdefault((ident.shard, ident.start), deque())
-        picked: list[int] = []
-        deferred: list[int] = []
-        while len(picked) < k:
-            if not queue:
-                queue.extend(int(x) for x in self.rng.permutation(n))
-            x = queue.popleft()
-            (deferred if x in picked else picked).append(x)  # a repeat across permutations waits
-        queue.extendleft(reversed(deferred))
-        return Group(ident, tuple(ident.start + x for x in picked))
-
-
-class _Assembler:
-    """Greedy P-distinct-identity batches from a stream of groups (deferring repeats)."""
-
-    def __init__(self, p: int):
-        self.p = p
-        self.pending: list[Group] = []
-        self.pids: Counter = Counter()
-
-    def add(self, group: Group) -> None:
-        self.pending.append(group)
-        self.pids[group.identity.pid] += 1
-
-    def take(self, allow_short: bool = False) -> list[Group] | None:
-        if len(self.pids) < self.p and not allow_short:
-            return None
-        batch, rest, seen = [], [], set()
-        for g in self.pending:
-            if len(batch) < self.p and g.identity.pid not in seen:
-                batch.append(g)
-                seen.add(g.identity.pid)
-            else:
-                rest.append(g)
-        self.pending = rest
-        self.pids -= Counter(seen)
-        return batch
-
-
-def _windows(segment: list[Identity], min_images: int, min_ids: int) -> list[tuple[int, int]]:
-    out, lo, images = [], 0, 0
-    for i, ident in enumerate(segment):
-        images += ident.count
-        if images >= min_images and i + 1 - lo >= min_ids:
-            out.append((lo, i + 1))
-            lo, images = i + 1, 0
-    if lo < len(segment):
-        if out and (len(segment) - lo < min_ids):
-            out[-1] = (out[-1][0], len(segment))
-        else:
-            out.append((lo, len(segment)))
-    return out
-
-
-def plan_epoch(manifest: dict, *, p: int, k: int, rank: int, world_size: int, epoch: int, seed: int,
-               steps: int, window_images: int = DEFAULT_WINDOW_IMAGES) -> Iterator[tuple[int, list[Group]]]:
-    """(window number, batch of P groups) for each step of the rank's epoch, in step order."""
-    segment = rank_segment(train_identities(manifest), p=p, rank=rank, world_size=world_size,
-                           epoch=epoch, seed=seed)
-    rng = make_rng(seed, epoch, _RANK, rank, world_size)
-    quotas = apportion([ident.count for ident in segment], steps * p)
-    draws, assembler, made = _Draws(rng, k), _Assembler(p), 0
-    windows = _windows(segment, window_images, 2 * p)
-    for number, (lo, hi) in enumerate(windows):
-        groups = [draws.draw(segment[j]) for j in range(lo, hi) for _ in range(quotas[j])]
-        for i in rng.permutation(len(groups)):
-            assembler.add(groups[i])
-            batch = assembler.take()
-            while batch is not None:
-                yield number, batch
-                made += 1
-                if made == steps:
-                    return
-                batch = assembler.take()
-    while made < steps:  # leftovers (repeated identities) topped up with fresh groups
-        batch = assembler.take(allow_short=True)
-        have = {g.identity.pid for g in batch}
-        others = [ident for ident in segment if ident.pid not in have]
-        for i in sorted(rng.choice(len(others), p - len(batch), replace=False)):
-            batch.append(draws.draw(others[i]))
-        yield len(windows), batch
-        made += 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------------
-def decode(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Encoded image -> uint8 [H, W, 3] at `size` (H, W). Raises on undecodable data."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG":
-            im.draft("RGB", (size[1], size[0]))   # DCT-domain downscale when the source is larger
-        im = im.convert("RGB")
-        if im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-        return np.array(im)          # writable, so torch can wrap it without a warning
-
-
-def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """[H, W, 3] uint8 arrays -> one [N, 3, H, W] uint8 tensor (a single copy)."""
-    h, w, _ = images[0].shape
-    out = torch.empty((len(images), 3, h, w), dtype=torch.uint8)
-    for i, image in enumerate(images):
-        out[i].copy_(torch.from_numpy(image).permute(2, 0, 1))
-    return out
+DEFAULT_LOADER_TIMEOUT_S = 300.0
+META = dc.META
 
 
 class _TrainSteps(IterableDataset):
     """Batches of one rank's epoch; each DataLoader worker makes its own share of the steps."""
 
-    def __init__(self, shards_dir: str, manifest: dict, *, p: int, k: int, rank: int, world_size: int,
-                 epoch: int, seed: int, steps: int, start_step: int, image_size: tuple[int, int],
-                 augment: bool, aug: dict, verify: bool, window_images: int):
+    def __init__(self, sources: list[ShardSource], sets: TrainSets, *, p: int, k: int, rank: int,
+                 world_size: int, epoch: int, seed: int, steps: int, start_step: int,
+                 image_size: tuple[int, int], verify: bool, window_images: int):
         super().__init__()
-        self.shards_dir, self.manifest = shards_dir, manifest
+        self.sources, self.sets = sources, sets
         self.p, self.k, self.rank, self.world_size = p, k, rank, world_size
         self.epoch, self.seed, self.steps, self.start_step = epoch, seed, steps, start_step
-        self.image_size, self.augment, self.aug = image_size, augment, aug
-        self.verify, self.window_images = verify, window_images
-        self.layout = split_layout(manifest, "train")
-        self.label_map = {int(pid): label for pid, label in manifest["label_map"].items()}
+        self.image_size, self.verify, self.window_images = image_size, verify, window_images
+        self.states = None   # decode-cache states at the epoch's start (None: no cache)
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        augment = transforms.TrainAugment(self.image_size, **self.aug) if self.augment else None
-        plan = plan_epoch(self.manifest, p=self.p, k=self.k, rank=self.rank, world_size=self.world_size,
-                          epoch=self.epoch, seed=self.seed, steps=self.steps, window_images=self.window_images)
-        mine = ((step, window, batch) for step, (window, batch) in enumerate(plan)
-                if step >= self.start_step and (step - self.start_step) % workers == worker)
-        for _, items in itertools.groupby(mine, key=lambda item: item[1]):
-            items = list(items)
-            raw = self._fetch([batch for _, _, batch in items])
-            for step, _, batch in items:
-                yield self._batch(step, batch, raw, augment)
+    # ------------------------------------------------------------------------------------ reading
+    def image_id(self, shard: int, pos: int) -> int:
+        return self.sets.image_base[shard] + pos
 
-    def _fetch(self, batches: list[list[Group]]) -> dict:
-        """Raw samples of one window's batches: one sequential pass over each shard they touch."""
+    def fetch(self, keys) -> dict:
+        """Raw samples {(shard, position): Sample}: one sequential pass over each shard involved."""
         wanted: dict[int, set[int]] = {}
-        for batch in batches:
-            for g in batch:
-                wanted.setdefault(g.identity.shard, set()).update(g.positions)
+        for shard, pos in keys:
+            wanted.setdefault(shard, set()).add(pos)
         raw = {}
         for shard, positions in sorted(wanted.items()):
-            entry, first = self.layout[shard]
-            for pos, sample in read_samples(self.shards_dir, "train", entry, first, sorted(positions),
+            d, entry, first = self.sets.shards[shard]
+            for pos, sample in read_samples(self.sources[d], "train", entry, first, sorted(positions),
                                             self.verify).items():
                 raw[shard, pos] = sample
         return raw
 
-    def _image(self, group: Group, pos: int, raw: dict, bad: set) -> tuple[np.ndarray, dict, int]:
-        """Decode one image, falling back to other images of the identity; returns (image, meta, failures)."""
-        ident = group.identity
-        entry, first = self.layout[ident.shard]
-        failures = 0
-        candidates = [pos] + [ident.start + (pos - ident.start + j) % ident.count for j in range(1, ident.count)]
-        for cand in candidates:
-            if (ident.shard, cand) in bad:
-                continue
-            if (ident.shard, cand) not in raw:  # a fallback: fetch the rest of the identity at once
-                rest = [q for q in candidates if (ident.shard, q) not in raw]
-                raw.update({(ident.shard, q): s for q, s in read_samples(
-                    self.shards_dir, "train", entry, first, rest, self.verify).items()})
-            sample = raw[ident.shard, cand]
-            try:
-                return decode(sample.image, self.image_size), sample.meta, failures
-            except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt image
-                bad.add((ident.shard, cand))
-                failures += 1
-                warnings.warn(f"skipping corrupt image {sample.key} (pid {ident.pid}, source "
-                              f"{sample.meta.get('source')}) in shard {entry['name']}: {exc}", stacklevel=2)
-        raise ShardError(f"shard {Path(self.shards_dir) / entry['name']}: none of the {ident.count} images of "
-                         f"pid {ident.pid} can be decoded; re-run launch/prepare_data.py on intact images")
+    def meta(self, shard: int, sample) -> list[int]:
+        d = self.sets.shards[shard][0]
+        pid = sample.meta["pid"]
+        return [self.sets.global_pid(d, pid), self.sets.label(d, pid), sample.meta["camid"],
+                sample.meta["index"], d]
 
-    def _batch(self, step: int, batch: list[Group], raw: dict, augment) -> tuple[dict[str, torch.Tensor], int]:
-        images, pids, labels, camids, indices, corrupt = [], [], [], [], [], 0
+    def decode(self, shard: int, pos: int, raw: dict):
+        """(uint8 [h, w, 3], metadata row) of one image, or None (with a warning) if it is corrupt."""
+        sample = raw[shard, pos]
+        try:
+            return decode_rgb(sample.image, self.image_size), self.meta(shard, sample)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt image
+            d, entry, _ = self.sets.shards[shard]
+            warnings.warn(f"skipping corrupt image {sample.key} (pid {sample.meta.get('pid')}, source "
+                          f"{sample.meta.get('source')}) in shard {self.sources[d].url(entry['name'])}: {exc}",
+                          stacklevel=2)
+            return None
+
+    @staticmethod
+    def candidates(start: int, count: int, pos: int) -> list[int]:
+        """The image at `pos`, then the identity's others in order: the fallbacks for a corrupt image."""
+        return [start + (pos - start + j) % count for j in range(count)]
+
+    def no_image_error(self, shard: int, pid: int, count: int) -> ShardError:
+        d, entry, _ = self.sets.shards[shard]
+        return ShardError(f"shard {self.sources[d].url(entry['name'])}: none of the {count} images of pid "
+                          f"{pid} can be decoded; re-run launch/prepare_data.py on intact images")
+
+    # ---------------------------------------------------------------------------------- the epoch
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = plan_epoch(self.sets, p=self.p, k=self.k, rank=self.rank, world_size=self.world_size,
+                          epoch=self.epoch, seed=self.seed, steps=self.steps, window_images=self.window_images)
+        steps = [(step, window, batch) for step, (window, batch) in enumerate(plan) if step >= self.start_step]
+        first_use: dict[int, int] = {}
+        if self.states is not None:     # the step that decodes each image the cache does not have yet
+            for step, _, batch in steps:
+                for g in batch:
+                    for pos in g.positions:
+                        i = self.image_id(g.identity.shard, pos)
+                        if self.states[i] == dc.UNKNOWN:
+                            first_use.setdefault(i, step)
+        mine = [s for s in steps if (s[0] - self.start_step) % workers == worker]
+        for _, items in itertools.groupby(mine, key=lambda item: item[1]):
+            items = list(items)
+            keys = {(g.identity.shard, pos) for step, _, batch in items for g in batch for pos in g.positions
+                    if self.states is None or first_use.get(self.image_id(g.identity.shard, pos)) == step}
+            raw = self.fetch(keys)
+            for step, _, batch in items:
+                yield self._batch(batch, raw) if self.states is None else self._new_images(step, batch, raw,
+                                                                                           first_use)
+
+    def _batch(self, batch: list[Group], raw: dict) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The whole batch, decoded here (no cache)."""
+        chosen: dict[tuple[int, int], tuple] = {}
         bad: set = set()
-        decoded: dict = {}
+        counts = {"corrupt": 0, "decoded": 0}
+        images, metas = [], []
         for group in batch:
+            shard = group.identity.shard
             for pos in group.positions:
-                if (group.identity.shard, pos) not in decoded:  # with replacement, decode once
-                    decoded[group.identity.shard, pos] = self._image(group, pos, raw, bad)
-                    corrupt += decoded[group.identity.shard, pos][2]
-                image, meta, _ = decoded[group.identity.shard, pos]
+                if (shard, pos) not in chosen:            # with replacement: decode once per batch
+                    chosen[shard, pos] = self._first_good(group, pos, raw, bad, counts)
+                image, meta = chosen[shard, pos]
                 images.append(image)
-                pids.append(meta["pid"])
-                labels.append(self.label_map[meta["pid"]])
-                camids.append(meta["camid"])
-                indices.append(meta["index"])
-        x = _to_tensor(images)
-        if augment is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(step_seed(self.seed, self.epoch, _AUGMENT, self.rank, self.world_size, step))
-                x = augment(x)
-        out = {"images": x, "pids": torch.tensor(pids, dtype=torch.int64),
-               "labels": torch.tensor(labels, dtype=torch.int64),
-               "camids": torch.tensor(camids, dtype=torch.int64),
-               "index": torch.tensor(indices, dtype=torch.int64)}
-        return out, corrupt
+                metas.append(meta)
+        meta = torch.tensor(metas, dtype=torch.int64)
+        out = {"images": resize_batch(images, self.image_size)}
+        out.update({name: meta[:, i].contiguous() for i, name in enumerate(META)})
+        return out, counts
+
+    def _first_good(self, group: Group, pos: int, raw: dict, bad: set, counts: dict):
+        ident = group.identity
+        shard, candidates = ident.shard, self.candidates(ident.start, ident.count, pos)
+        for cand in candidates:
+            if (shard, cand) in bad:
+                continue
+            if (shard, cand) not in raw:   # a fallback: fetch the rest of the identity at once
+                raw.update(self.fetch((shard, q) for q in candidates if (shard, q) not in raw))
+            counts["decoded"] += 1
+            got = self.decode(shard, cand, raw)
+            if got is not None:
+                return got
+            bad.add((shard, cand))
+            counts["corrupt"] += 1
+        raise self.no_image_error(shard, ident.pid, ident.count)
+
+    def _new_images(self, step: int, batch: list[Group], raw: dict, first_use: dict):
+        """With a decode cache: the batch's image ids plus the pixels of the images first used here."""
+        ids, groups, new, new_meta, bad = [], [], [], [], []
+        arrays = []
+        for group in batch:
+            ident = group.identity
+            groups.append([ident.shard, ident.start, ident.count, ident.pid])
+            for pos in group.positions:
+                i = self.image_id(ident.shard, pos)
+                ids.append(i)
+                if first_use.get(i) == step and i not in new and i not in bad:
+                    got = self.decode(ident.shard, pos, raw)
+                    if got is None:
+                        bad.append(i)
+                    else:
+                        new.append(i)
+                        arrays.append(got[0])
+                        new_meta.append(got[1])
+        out = {"ids": torch.tensor(ids, dtype=torch.int64), "groups": torch.tensor(groups, dtype=torch.int64),
+               "new_ids": torch.tensor(new, dtype=torch.int64),
+               "new_pixels": resize_batch(arrays, self.image_size),
+               "new_meta": torch.tensor(new_meta, dtype=torch.int64).view(-1, len(META)),
+               "bad_ids": torch.tensor(bad, dtype=torch.int64)}
+        return out, {"corrupt": len(bad), "decoded": len(new) + len(bad)}
+
+    def resolve(self, item: dict, cache: dc.DecodeCache, counts: dict) -> torch.Tensor:
+        """In the training process: the cache rows of a batch, replacing corrupt images by the next
+        decodable image of the identity (decoded here when no step has decoded it yet)."""
+        ids = item["ids"].clone()
+        for slot in torch.nonzero(torch.from_numpy(cache.state[ids.numpy()] != dc.DECODED))[:, 0].tolist():
+            shard, start, count, pid = item["groups"][slot // self.k].tolist()
+            pos = int(ids[slot]) - self.sets.image_base[shard]
+            for cand in self.candidates(start, count, pos):
+                i = self.image_id(shard, cand)
+                if cache.state[i] == dc.UNKNOWN:
+                    got = self.decode(shard, cand, self.fetch([(shard, cand)]))
+                    counts["decoded"] += 1
+                    if got is None:
+                        cache.mark_corrupt([i])
+                        counts["corrupt"] += 1
+                    else:
+                        cache.store(torch.tensor([i]), resize_batch([got[0]], self.image_size),
+                                    torch.tensor([got[1]]))
+                if cache.state[i] == dc.DECODED:
+                    ids[slot] = i
+                    break
+            else:
+                raise self.no_image_error(shard, pid, count)
+        return ids
 
 
 @contextlib.contextmanager
@@ -373,187 +236,92 @@ def _workers(dataset: IterableDataset, num_workers: int, timeout_s: float):
 
 
 class TrainBatches:
-    """One rank's epoch: `len()` steps (identical on every rank); `.stats` counts corrupt images."""
+    """One rank's epoch: `len()` steps (identical on every rank); `.stats` counts corrupt and decoded
+    images (`decoded`: decoder calls made for this epoch, in this process and its workers)."""
 
-    def __init__(self, dataset: _TrainSteps, num_workers: int, timeout_s: float):
-        self.dataset, self.num_workers, self.timeout_s = dataset, num_workers, timeout_s
-        self.stats = {"corrupt_images": 0, "batches": 0}
+    def __init__(self, dataset: _TrainSteps, num_workers: int, timeout_s: float, cache: dc.DecodeCache | None):
+        self.dataset, self.num_workers, self.timeout_s, self.cache = dataset, num_workers, timeout_s, cache
+        self.stats = {"corrupt_images": 0, "batches": 0, "decoded": 0}
 
     def __len__(self) -> int:
         return self.dataset.steps
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        cache = self.cache
+        self.dataset.states = None if cache is None else cache.state.copy()
         with _workers(self.dataset, self.num_workers, self.timeout_s) as source:
-            for batch, corrupt in source:
-                self.stats["corrupt_images"] += int(corrupt)
+            for item, counts in source:
+                if cache is not None:
+                    cache.store(item["new_ids"], item["new_pixels"], item["new_meta"])
+                    cache.mark_corrupt(item["bad_ids"])
+                    item = cache.batch(self.dataset.resolve(item, cache, counts))
+                self.stats["corrupt_images"] += int(counts["corrupt"])
+                self.stats["decoded"] += int(counts["decoded"])
                 self.stats["batches"] += 1
-                yield batch
+                yield item
 
 
-def train_batches(shards_dir: str | Path, *, p: int, k: int, rank: int, world_size: int, epoch: int,
-                  seed: int = 0, num_workers: int = 0, image_size: tuple[int, int] | list[int] = (256, 128),
-                  start_step: int = 0, steps_per_epoch: int | None = None, augment: bool = True,
-                  verify: bool = True, window_images: int = DEFAULT_WINDOW_IMAGES,
-                  timeout_s: float = DEFAULT_TIMEOUT_S, **aug) -> TrainBatches:
-    """Identity-balanced P×K training batches for one rank and epoch (see the module docstring).
+def train_batches(shards, *, p: int, k: int, rank: int, world_size: int, epoch: int, seed: int = 0,
+                  num_workers: int = 0, image_size: tuple[int, int] | list[int] = (256, 128),
+                  start_step: int = 0, steps_per_epoch: int | None = None, verify: bool = True,
+                  window_images: int = DEFAULT_WINDOW_IMAGES, timeout_s: float = DEFAULT_LOADER_TIMEOUT_S,
+                  cache_dir: str | Path | None = None, decode_cache: str | dc.DecodeCache = "none",
+                  device: torch.device | str | None = None, ranks_per_node: int = 1,
+                  io_timeout_s: float = DEFAULT_TIMEOUT_S, io_attempts: int = DEFAULT_ATTEMPTS) -> TrainBatches:
+    """Identity-balanced P×K training batches for one rank and epoch (see plan.py and this module).
 
-    Batches: `images` [P·K, 3, H, W] (augment=True: float32 augmented and normalised with
-    `TrainAugment(image_size, **aug)`; augment=False: uint8 resized), `pids`, `labels`, `camids` and
-    `index` (position of each image in the train split), all int64; the K images of an identity are
-    adjacent.
-    `aug` takes TrainAugment's flip_prob, pad, erasing_prob."""
+    shards: a location (folder, URL, `pipe:` template; locations.py), a ShardSource, or a list of them
+    (several shard sets trained as one: pids namespaced, labels contiguous over the union; plan.py).
+    Batches: `images` uint8 [P·K, 3, H, W] at `image_size` (on `device` with decode_cache="device"),
+    `pids` (global), `labels` (over the union), `camids`, `index` (position in its set's train split),
+    `dataset` (index of the shard set), all int64; the K images of an identity are adjacent.
+    cache_dir: node-local copy of remote shards. decode_cache: "none", "host", "device" (decoded.py;
+    a string reuses the process's cache across calls) or a DecodeCache. io_timeout_s / io_attempts:
+    per-read timeout and attempts in a row for remote files. timeout_s: DataLoader worker timeout."""
     if p < 1 or k < 1:
         raise ValueError(f"p={p}, k={k}: both must be >= 1")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers is {num_workers}; must be >= 0")
-    unknown = set(aug) - {"flip_prob", "pad", "erasing_prob"}
-    if unknown:
-        raise TypeError(f"train_batches got unexpected keyword arguments {sorted(unknown)}")
-    manifest = load_manifest(shards_dir)
-    if manifest["num_classes"] < p:
-        raise ValueError(f"{shards_dir}: the train split has {manifest['num_classes']} identities, fewer "
-                         f"than P={p}; a batch needs P distinct identities: lower data.p")
-    for entry in manifest["splits"]["train"]["shards"]:
-        check_shard(Path(shards_dir) / entry["name"], entry, verify=False)
-    steps = epoch_steps(manifest, p, k, world_size, steps_per_epoch)
+    locations = shards if isinstance(shards, (list, tuple)) else [shards]
+    if not locations:
+        raise ValueError("shards is an empty list; give at least one shard location")
+    options = dict(cache_dir=None if cache_dir is None else str(cache_dir), timeout_s=io_timeout_s,
+                   attempts=io_attempts)
+    sources = [as_source(location, **options) for location in locations]
+    sets = TrainSets([load_manifest(source) for source in sources])
+    if sets.num_classes < p:
+        raise ValueError(f"{', '.join(map(str, sources))}: the train split has {sets.num_classes} identities, "
+                         f"fewer than P={p}; a batch needs P distinct identities: lower data.p")
+    for d, entry, _ in sets.shards:       # local shards: missing or truncated files fail here, at once
+        path = sources[d].local_path(entry["name"])
+        if path is not None and not path.is_file():
+            raise ShardError(f"shard {path} is missing (listed in {sources[d].url('manifest.json')}); re-run "
+                             "launch/prepare_data.py or restore the file")
+        if path is not None and "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            raise ShardError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
+                             f"{entry['bytes']}: truncated or replaced; re-run launch/prepare_data.py")
+    steps = epoch_steps(sets, p, k, world_size, steps_per_epoch)
     if steps < 1:
         raise ValueError(f"steps_per_epoch is {steps}; must be >= 1")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} is outside the epoch's {steps} steps")
-    dataset = _TrainSteps(str(shards_dir), manifest, p=p, k=k, rank=rank, world_size=world_size,
-                          epoch=epoch, seed=seed, steps=steps, start_step=start_step,
-                          image_size=(int(image_size[0]), int(image_size[1])), augment=augment, aug=aug,
-                          verify=verify, window_images=window_images)
-    return TrainBatches(dataset, num_workers, timeout_s)
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------
-def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous, disjoint index ranges whose union is [0, total), sizes differing by at most one."""
-    return total * rank // world_size, total * (rank + 1) // world_size
-
-
-class _EvalBatches(IterableDataset):
-    def __init__(self, shards_dir: str, manifest: dict, split: str, *, lo: int, hi: int, batch_size: int,
-                 image_size: tuple[int, int], verify: bool):
-        super().__init__()
-        self.shards_dir, self.split, self.lo, self.hi = shards_dir, split, lo, hi
-        self.batch_size, self.image_size, self.verify = batch_size, image_size, verify
-        self.layout = split_layout(manifest, split)
-        self.starts = [first for _, first in self.layout]
-
-    def __len__(self) -> int:
-        return -(-(self.hi - self.lo) // self.batch_size)
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return shard, index - self.starts[shard]
-
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        batches = [(b, range(self.lo + b * self.batch_size, min(self.hi, self.lo + (b + 1) * self.batch_size)))
-                   for b in range(len(self)) if b % workers == worker]
-        if not batches:
-            return
-        wanted: dict[int, list[int]] = {}
-        for _, indices in batches:
-            for index in indices:
-                shard, pos = self._locate(index)
-                wanted.setdefault(shard, []).append(pos)
-        streams = {}
-
-        def sample_at(index: int):
-            shard, pos = self._locate(index)
-            if shard not in streams:
-                streams.clear()     # indices only grow: the previous shard is done
-                entry, first = self.layout[shard]
-                path = Path(self.shards_dir) / entry["name"]
-                check_shard(path, entry, self.verify)
-                streams[shard] = iter_samples(path, self.split, first, entry["samples"], wanted[shard])
-            sample = next(streams[shard], None)
-            if sample is None or sample.position != pos:
-                raise ShardError(f"shard {self.layout[shard][0]['name']}: expected sample {pos}, got "
-                                 f"{None if sample is None else sample.position}")
-            return sample
-
-        for _, indices in batches:
-            images, pids, camids, index_out, corrupt = [], [], [], [], 0
-            for index in indices:
-                sample = sample_at(index)
-                try:
-                    images.append(decode(sample.image, self.image_size))
-                except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt image
-                    corrupt += 1
-                    warnings.warn(f"corrupt image {sample.key} (source {sample.meta.get('source')}) in "
-                                  f"{self.split}: using a mean-colour image in its place ({exc})", stacklevel=2)
-                    images.append(np.full((*self.image_size, 3), transforms.MEAN_UINT8, np.uint8))
-                pids.append(sample.meta["pid"])
-                camids.append(sample.meta["camid"])
-                index_out.append(sample.meta["index"])
-            out = {"images": transforms.normalize(_to_tensor(images)),
-                   "pids": torch.tensor(pids, dtype=torch.int64),
-                   "camids": torch.tensor(camids, dtype=torch.int64),
-                   "index": torch.tensor(index_out, dtype=torch.int64)}
-            yield out, corrupt
-
-
-class EvalBatches:
-    """A rank's part of an evaluation split, in index order; `.stats` counts corrupt images."""
-
-    def __init__(self, dataset: _EvalBatches, num_workers: int, timeout_s: float):
-        self.dataset, self.num_workers, self.timeout_s = dataset, num_workers, timeout_s
-        self.stats = {"corrupt_images": 0}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        with _workers(self.dataset, min(self.num_workers, len(self.dataset)), self.timeout_s) as source:
-            for batch, corrupt in source:
-                self.stats["corrupt_images"] += int(corrupt)
-                yield batch
-
-
-def eval_batches(shards_dir: str | Path, split: str, *, batch_size: int, image_size: tuple[int, int] | list[int],
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, verify: bool = True,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> EvalBatches:
-    """Batches of `split` ("query" or "gallery"; "train" works too) for one rank: `images` (normalised
-    float), `pids`, `camids`, `index` (int64 position in the split). Ranks get contiguous, disjoint parts
-    whose union is the whole split; within a rank the order is the index order."""
-    if split not in ("train", "query", "gallery"):
-        raise ValueError(f"split is {split!r}; one of train, query, gallery")
-    if batch_size < 1:
-        raise ValueError(f"batch_size is {batch_size}; must be >= 1")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    manifest = load_manifest(shards_dir)
-    lo, hi = rank_range(manifest["splits"][split]["images"], rank, world_size)
-    dataset = _EvalBatches(str(shards_dir), manifest, split, lo=lo, hi=hi, batch_size=batch_size,
-                           image_size=(int(image_size[0]), int(image_size[1])), verify=verify)
-    return EvalBatches(dataset, num_workers, timeout_s)
-
-
-def read_images(shards_dir: str | Path, split: str, indices: list[int], verify: bool = False) -> list[Image.Image]:
-    """The original images at `indices` of `split` (in the order given), for ranked-list pictures."""
-    manifest = load_manifest(shards_dir)
-    layout = split_layout(manifest, split)
-    starts = [first for _, first in layout]
-    total = manifest["splits"][split]["images"]
-    wanted: dict[int, list[int]] = {}
-    for index in indices:
-        if not 0 <= index < total:
-            raise IndexError(f"{split} index {index} outside [0, {total})")
-        shard = int(np.searchsorted(starts, index, side="right")) - 1
-        wanted.setdefault(shard, []).append(index - starts[shard])
-    found = {}
-    for shard, positions in wanted.items():
-        entry, first = layout[shard]
-        for pos, sample in read_samples(shards_dir, split, entry, first, positions, verify).items():
-            with Image.open(io.BytesIO(sample.image)) as im:
-                found[first + pos] = im.convert("RGB")
-    return [found[i] for i in indices]
+    size = (int(image_size[0]), int(image_size[1]))
+    cache = None
+    if isinstance(decode_cache, dc.DecodeCache):
+        cache = decode_cache
+    elif decode_cache in ("host", "device"):
+        key = (tuple(s.location for s in sources), tuple(e["sha256"] for _, e, _ in sets.shards), size,
+               decode_cache, str(device))
+        cache = dc.shared_cache(key, sets.images, size, kind=decode_cache, device=device,
+                                ranks_per_node=ranks_per_node)
+    elif decode_cache != "none":
+        raise ValueError(f"decode_cache is {decode_cache!r}; one of none, host, device")
+    if cache is not None and (len(cache) != sets.images or cache.image_size != size):
+        raise ValueError(f"the decode cache holds {len(cache)} images at {cache.image_size}; these shards "
+                         f"have {sets.images} train images at {size}")
+    dataset = _TrainSteps(sources, sets, p=p, k=k, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
+                          steps=steps, start_step=start_step, image_size=size, verify=verify,
+                          window_images=window_images)
+    return TrainBatches(dataset, num_workers, timeout_s, cache)

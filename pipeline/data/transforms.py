@@ -3,7 +3,8 @@
 `TrainAugment` is the re-ID recipe of the strong baselines: resize, random horizontal flip, pad then
 random crop back to size, ImageNet normalisation, random erasing (Zhong et al.; after normalisation
 with value 0, i.e. the mean colour). It draws from the global torch RNG of the tensor's device, so the
-trainer's RNG state (checkpointed) fixes it; the data stream seeds it per step when it augments itself.
+trainer's RNG state (checkpointed) fixes it. It is the only augmentation path: the data stream yields
+uint8 batches and the trainer augments them on its device.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ class TrainAugment(nn.Module):
     traffic), normalisation and erasing work in place, all vectorised over the batch on whatever
     device it is. kornia's augmentation modules do the same steps through generic per-sample
     parameter machinery that measured about 2x slower on a CPU (benchmarks/data_throughput.py prints
-    both); the stream's workers pay that cost on every step."""
+    both when kornia is installed)."""
 
     def __init__(self, image_size: tuple[int, int] | list[int], flip_prob: float = 0.5, pad: int = 10,
                  erasing_prob: float = 0.5, erasing_scale: tuple[float, float] = (0.02, 0.4),

@@ -20,7 +20,6 @@ Fault tolerance:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 import warnings
@@ -33,8 +32,7 @@ from .. import distributed as D
 from ..checkpoint import (CheckpointError, CheckpointManager, checkpoint_name, evaluated_network,
                           evaluated_state_dict, load_checkpoint_file)
 from ..config import Config, dump_config, flatten
-from ..data import load_manifest, train_batches
-from ..data.stream import epoch_steps
+from ..data import TrainSets, epoch_steps, eval_source, load_manifests, shard_set_tags, train_batches
 from ..data.transforms import TrainAugment
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model, fetch_pretrained_once_per_node
@@ -61,10 +59,10 @@ class Trainer:
             dump_config(cfg, self.out / "config.yaml")
         D.barrier()
 
-        self.manifest = load_manifest(cfg.data.shards)
-        self.num_classes = int(self.manifest["num_classes"])
+        self.train_sets = TrainSets(load_manifests(cfg.data.shards))   # one or several shard sets
+        self.num_classes = self.train_sets.num_classes
         self.image_size = tuple(cfg.data.image_size)
-        self.steps_per_epoch = epoch_steps(self.manifest, cfg.data.p, cfg.data.k, dist_info.world_size,
+        self.steps_per_epoch = epoch_steps(self.train_sets, cfg.data.p, cfg.data.k, dist_info.world_size,
                                            cfg.train.steps_per_epoch)
 
         network = self._build_network()
@@ -87,6 +85,7 @@ class Trainer:
                                images_per_step=cfg.data.p * cfg.data.k * dist_info.world_size)
         if cfg.checkpoint.resume:
             self._resume()
+        self.batches(self.state.epoch, self.state.step_in_epoch)  # data.decode_cache: allocated (or refused) now
         run_id = self.tracker.start(params=cfg.flat(), tags=self._tags(), run_id=self.state.mlflow_run_id)
         self.state.mlflow_run_id = D.broadcast_object(run_id)
 
@@ -105,12 +104,10 @@ class Trainer:
         return network.to(self.device)
 
     def _tags(self) -> dict[str, str]:
-        manifest_file = Path(self.cfg.data.shards) / "manifest.json"
         return {"world_size": str(self.dist.world_size), "nodes": str(self.dist.num_nodes),
                 "engine": self.backend.name, "dist_backend": str(self.dist.backend or "none"),
                 "device": self.device.type,
-                "dataset_manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
-                "dataset_format": str(self.manifest.get("source_format", "unknown")),
+                **shard_set_tags(self.cfg.data.shards),   # locations, formats, manifest sha256
                 # tracking.tags last: e.g. mlflow.parentRunId (launch/ablate.py nests its runs this way)
                 **{key: str(value) for key, value in flatten(self.cfg.tracking.tags).items()}}
 
@@ -125,7 +122,9 @@ class Trainer:
         return train_batches(d.shards, p=d.p, k=d.k, rank=self.dist.rank, world_size=self.dist.world_size,
                              epoch=epoch, seed=self.cfg.seed, num_workers=d.num_workers,
                              image_size=self.image_size, start_step=start_step,
-                             steps_per_epoch=self.cfg.train.steps_per_epoch, augment=False)
+                             steps_per_epoch=self.cfg.train.steps_per_epoch, cache_dir=d.cache_dir,
+                             decode_cache=d.decode_cache, device=self.device,
+                             ranks_per_node=self.dist.local_world_size)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool, dict[str, float]]:
         """One optimisation step. Returns (loss terms averaged over ranks, stop requested, timings)."""
@@ -263,7 +262,8 @@ class Trainer:
         # checkpoint, written by rank 0) with rank 0's so that in-training and offline numbers agree.
         D.broadcast_buffers(self.backend.network, src=0)
         out_dir = self.out / "eval" / (tag or f"epoch-{self.state.epoch + 1:04d}")
-        result = evaluate(self.eval_network(), cfg.data.shards, image_size=self.image_size, device=self.device,
+        shards = eval_source(cfg.data.shards, cfg.eval.shards, cache_dir=cfg.data.cache_dir)
+        result = evaluate(self.eval_network(), shards, image_size=self.image_size, device=self.device,
                           distance=cfg.eval.distance, rerank=cfg.eval.rerank, batch_size=cfg.eval.batch_size,
                           max_rank=cfg.eval.max_rank, output_dir=str(out_dir) if self.dist.is_main else None,
                           plots=cfg.eval.plots)
