@@ -50,7 +50,7 @@ class ModelConfig:
     neck: bool = True                        # BN neck on the global feature
     local_dim: int = 128
     stripe_pool: str = "avg"                 # avg | max (pooling over the width)
-    local_head: str = "pool-conv-bn-relu"    # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++)
+    local_head: str = "pool-conv-bn-relu"    # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++) | pool-conv-bn
     local_normalize: bool = False            # L2-normalise each stripe feature (train and test)
     sync_bn: bool = False                    # SyncBatchNorm (multi-GPU)
 
@@ -63,6 +63,7 @@ class LossConfig:
     id_weight: float = 1.0
     label_smoothing: float = 0.1
     local_warmup_epochs: float = 0.0         # ramp the local loss weight linearly from 0 over these epochs
+    local_mining: str = "global"             # global (the paper) | local: the distance that mines local triplets
     mutual_prob_weight: float = 1.0          # used when mutual.enabled
     mutual_metric_weight: float = 1.0        # used when mutual.enabled
 
@@ -164,7 +165,8 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 CHOICES = {
     "model.backbone": BACKBONES,
     "model.stripe_pool": ("avg", "max"),
-    "model.local_head": ("pool-conv-bn-relu", "bn-relu-pool-conv"),
+    "model.local_head": ("pool-conv-bn-relu", "bn-relu-pool-conv", "pool-conv-bn"),
+    "loss.local_mining": ("global", "local"),
     "model.last_stride": (1, 2),
     "train.optimizer": ("adam", "sgd"),
     "train.scheduler": ("exp", "step", "cosine", "constant"),

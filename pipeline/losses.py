@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .alignment import EPS, paired_local_distance
+from .alignment import EPS, local_distance, paired_local_distance
 from .config import LossConfig
 from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
@@ -188,8 +188,13 @@ class AlignedReIDCriterion:
                     if w["local_triplet"] > 0:
                         # Aligned local distance of each own anchor to its mined positive and negative.
                         anchors = l_all[i][own]
+                        lpos, lneg = pos, neg
+                        if self.cfg.local_mining == "local":   # the local branch mines its own triplets
+                            with torch.no_grad():
+                                local_all = local_distance(anchors.detach(), l_all[i].detach())
+                            lpos, lneg, _ = batch_hard_mining(local_all, pids, all_pids, anchor_index)
                         local_d = paired_local_distance(torch.cat([anchors, anchors]),
-                                                        l_all[i][torch.cat([pos, neg])])
+                                                        l_all[i][torch.cat([lpos, lneg])])
                         loss_i = triplet(local_d[:count], local_d[count:], self.cfg.margin)
                         sums["local_triplet"] += (loss_i * weight).sum()
             if w["mutual_metric"] > 0:

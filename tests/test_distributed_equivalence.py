@@ -52,13 +52,13 @@ def make_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return images, pids, pids.clone()
 
 
-def loss_config(margin: float | None) -> LossConfig:
+def loss_config(margin: float | None, mining: str = "global") -> LossConfig:
     # Distinct weights so a term counted twice or dropped changes the result.
     return LossConfig(margin=margin, global_weight=1.0, local_weight=0.7, id_weight=0.5, label_smoothing=0.1,
-                      mutual_prob_weight=0.8, mutual_metric_weight=0.3)
+                      mutual_prob_weight=0.8, mutual_metric_weight=0.3, local_mining=mining)
 
 
-def _worker(rank: int, world: int, out_dir: str, margin: float | None) -> None:
+def _worker(rank: int, world: int, out_dir: str, margin: float | None, mining: str) -> None:
     info = init_distributed("gloo", timeout_s=60)
     assert info.world_size == world and info.rank == rank
     model = make_model()
@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, out_dir: str, margin: float | None) -> None:
     images, pids, labels = make_batch()
     per_rank = len(GLOBAL_PIDS) // world
     part = slice(rank * per_rank, (rank + 1) * per_rank)
-    criterion = AlignedReIDCriterion(loss_config(margin), mutual=True)
+    criterion = AlignedReIDCriterion(loss_config(margin, mining), mutual=True)
     loss, terms = criterion(ddp(images[part]), pids[part], labels[part])
     loss.backward()
     names = sorted(terms)
@@ -81,10 +81,10 @@ def _worker(rank: int, world: int, out_dir: str, margin: float | None) -> None:
     cleanup()
 
 
-def single_process(margin: float | None) -> dict:
+def single_process(margin: float | None, mining: str) -> dict:
     model = make_model()
     images, pids, labels = make_batch()
-    loss, terms = AlignedReIDCriterion(loss_config(margin), mutual=True)(model(images), pids, labels)
+    loss, terms = AlignedReIDCriterion(loss_config(margin, mining), mutual=True)(model(images), pids, labels)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return {"loss": loss.detach(), "terms": terms, "grads": grads}
@@ -92,10 +92,12 @@ def single_process(margin: float | None) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(PROCESS_TIMEOUT_S + 60)
-@pytest.mark.parametrize("world,margin", [(2, 0.3), (3, None)])
-def test_ranks_equal_single_process(tmp_path: Path, world: int, margin: float | None) -> None:
-    ranks = run_ranks(_worker, world, tmp_path, margin)
-    ref = single_process(margin)
+@pytest.mark.parametrize("world,margin,mining", [(2, 0.3, "global"), (3, None, "local")])
+def test_ranks_equal_single_process(tmp_path: Path, world: int, margin: float | None, mining: str) -> None:
+    """mining: the local triplets' pairs mined on the global distance (the paper) or on the aligned
+    local distance itself (loss.local_mining=local), computed over the gathered batch."""
+    ranks = run_ranks(_worker, world, tmp_path, margin, mining)
+    ref = single_process(margin, mining)
     # Every term is active and non-trivial, so the comparison covers all of them.
     for name in ("global_triplet", "local_triplet", "id", "mutual_prob", "mutual_metric"):
         assert ref["terms"][name] > 1e-6, name

@@ -164,3 +164,26 @@ def test_clear_errors() -> None:
              torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="has 4 rows but pids has 3"):
         crit(outputs(4, seed=0), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+
+
+def test_local_mining_picks_the_hardest_pairs_by_local_distance():
+    """loss.local_mining=local: each anchor's local triplet uses its farthest positive and nearest
+    negative under the aligned local distance, whatever the global distances say."""
+    from pipeline.alignment import local_distance
+    from pipeline.config import LossConfig
+
+    torch.manual_seed(0)
+    n, pids = 12, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    out = {"global": torch.randn(n, 16), "local": torch.randn(n, 4, 8, requires_grad=True),
+           "logits": torch.randn(n, 4)}
+    cfg = LossConfig(global_weight=0.0, id_weight=0.0, local_weight=1.0, margin=None, local_mining="local")
+    loss, _ = AlignedReIDCriterion(cfg, mutual=False)(out, pids, pids)
+    d = local_distance(out["local"].detach(), out["local"].detach())
+    same, eye = pids[:, None] == pids[None, :], torch.eye(n, dtype=torch.bool)
+    d_ap = d.masked_fill(~same | eye, -float("inf")).amax(1)
+    d_an = d.masked_fill(same, float("inf")).amin(1)
+    expected = torch.nn.functional.softplus(d_ap - d_an).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    cfg.local_mining = "global"
+    other, _ = AlignedReIDCriterion(cfg, mutual=False)(out, pids, pids)
+    assert not torch.isclose(other, loss)

@@ -19,7 +19,7 @@ from .pretrained import LoadReport, load_pretrained
 
 log = logging.getLogger(__name__)
 
-LOCAL_HEADS = ("pool-conv-bn-relu", "bn-relu-pool-conv")
+LOCAL_HEADS = ("pool-conv-bn-relu", "bn-relu-pool-conv", "pool-conv-bn")
 
 
 class AlignedReID(nn.Module):
@@ -54,8 +54,9 @@ class AlignedReID(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.001)
         if self.classifier.bias is not None:
             nn.init.zeros_(self.classifier.bias)
-        if local_head == "pool-conv-bn-relu":
-            # Reproduction A: pool the map over the width, then 1x1 conv, BN, ReLU on each stripe.
+        if local_head in ("pool-conv-bn-relu", "pool-conv-bn"):
+            # Reproduction A: pool the map over the width, then 1x1 conv, BN, ReLU on each stripe
+            # (pool-conv-bn: without the ReLU, so the stripe features are signed).
             self.local_conv = nn.Conv2d(dim, local_dim, 1, bias=False)  # BN follows: a bias is redundant
             self.local_bn = nn.BatchNorm2d(local_dim)
         else:
@@ -73,6 +74,8 @@ class AlignedReID(nn.Module):
         """Feature map [N, D, H, W] -> stripes [N, H, local_dim] (unit length each with local_normalize)."""
         if self.local_head == "pool-conv-bn-relu":
             stripes = self.local_relu(self.local_bn(self.local_conv(self._pool(fmap))))
+        elif self.local_head == "pool-conv-bn":
+            stripes = self.local_bn(self.local_conv(self._pool(fmap)))
         else:
             stripes = self.local_conv(self._pool(self.local_relu(self.local_bn(fmap))))
         stripes = stripes.squeeze(3).transpose(1, 2)
