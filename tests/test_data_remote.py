@@ -194,7 +194,7 @@ def test_missing_modified_and_failing_remote_shards_are_errors_naming_the_url(ti
         with pytest.raises(ShardError, match=rf"{re.escape(url + name)}: HTTP 404"):
             train(url, verify=False)
         assert time.monotonic() - started < 5                # a missing file is not retried
-    with pytest.raises(ShardError, match=rf"pipe:false {{name}}|pipe:false manifest.json"):
+    with pytest.raises(ShardError, match=r"pipe:false \{name\}|pipe:false manifest.json"):
         load_manifest(ShardSource("pipe:false {name}", attempts=2))
 
 

@@ -88,7 +88,8 @@ def test_config_takes_a_list_and_eval_shards(tmp_path):
 def test_tags_identify_one_or_several_sets(tiny_shards, second_set):
     one, two = shard_set_tags(tiny_shards), shard_set_tags([tiny_shards, second_set])
     assert one["dataset_format"] == "market1501" and two["dataset_format"] == "market1501+market1501"
-    assert len(one["dataset_manifest_sha256"]) == 64 and one["dataset_manifest_sha256"] != two["dataset_manifest_sha256"]
+    assert len(one["dataset_manifest_sha256"]) == 64
+    assert one["dataset_manifest_sha256"] != two["dataset_manifest_sha256"]
     assert str(second_set) in two["dataset_shards"]
 
 

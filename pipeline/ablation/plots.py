@@ -28,7 +28,7 @@ def plot_bars(report: dict, path: Path) -> Path:
     fig = Figure(figsize=(7 * 2, 4 * len(blocks)), layout="constrained")
     axes = fig.subplots(len(blocks), 2, squeeze=False)
     width = 0.8 / len(variants)
-    for row, (name, block) in zip(axes, blocks.items()):
+    for row, block in zip(axes, blocks.values()):
         for ax, metric in zip(row, ("rank1", "mAP")):
             top = 0.0
             for i, variant in enumerate(variants):

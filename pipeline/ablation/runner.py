@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pipeline.config import Config, ConfigError, flatten, load_config, parse_override
 from pipeline.fileio import atomic_write
@@ -154,14 +155,15 @@ def run_ablation(opts: AblationOptions, log: Callable[[str], None] = print) -> d
         tracking.open_parent(run_name, previous, params, tags)
         log(f"MLflow: experiment '{experiment}' at {uri}, parent run {tracking.parent_id}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(state_path, json.dumps({"compare": settings, "overrides": opts.overrides, "tracking_uri": uri if tracking else None,
+    atomic_write(state_path, json.dumps({"compare": settings, "overrides": opts.overrides,
+                                         "tracking_uri": uri if tracking else None,
                                          "experiment": experiment if tracking else None,
                                          "parent_run_id": tracking.parent_id if tracking else
                                          previous.get("parent_run_id")}, indent=1) + "\n")
 
     status = "FAILED"
     try:
-        for name, level, shards in blocks:
+        for _name, level, shards in blocks:
             if level is not None:
                 prepare_synthetic(shards.parent, level, train_ids=opts.train_ids, test_ids=opts.test_ids,
                                   seed=opts.data_seed, image_size=image_size, log=log)

@@ -128,7 +128,7 @@ def format_report(report: dict) -> str:
     if "global" in report["train_variants"] and any(t.startswith("global_local") for t in report["test_variants"]):
         lines.append("The global variant does not train its local branch: its global+local rows use an "
                      "untrained stripe head.")
-    for name, block in report["blocks"].items():
+    for block in report["blocks"].values():
         title = (f"Synthetic data, misalignment {block['misalign']:g}" if block["misalign"] is not None
                  else f"Data: {block['shards']}")
         lines += ["", format_block(block, title)]

@@ -3,12 +3,12 @@
 A location (`data.shards`, `eval.shards`, the `shards` argument of every reader) names a folder of
 shards; a file NAME in it (a shard such as `train-000003.tar`, or `manifest.json`) is read from:
 
-| location | NAME is read from |
-|---|---|
-| `data/shards/market`, `file:///data/shards/market` | the local file `data/shards/market/NAME` |
-| `http://host:8000/market/` (or `https://`) | `http://host:8000/market/NAME` |
-| `pipe:CMD` | the standard output of the shell command CMD with `{name}` replaced by NAME, e.g. `pipe:curl -s --fail http://host/market/{name}` or `pipe:aws s3 cp s3://bucket/market/{name} -` |
-| `s3://bucket/market`, `gs://bucket/market`, any fsspec URL | fsspec's `<location>/NAME`: needs the fsspec backend of the scheme (`pip install s3fs`, `gcsfs`) and its usual credentials |
+- `data/shards/market`, `file:///data/shards/market`: the local file `data/shards/market/NAME`;
+- `http://host:8000/market/` (or `https://`): `http://host:8000/market/NAME`;
+- `pipe:CMD`: the standard output of the shell command CMD with `{name}` replaced by NAME, e.g.
+  `pipe:curl -s --fail http://host/market/{name}` or `pipe:aws s3 cp s3://bucket/market/{name} -`;
+- `s3://bucket/market`, `gs://bucket/market`, any fsspec URL: fsspec's `<location>/NAME`; needs the
+  fsspec backend of the scheme (`pip install s3fs`, `gcsfs`) and its usual credentials.
 
 Any location may contain `{name}` to put NAME elsewhere than at the end (a URL with a query string).
 

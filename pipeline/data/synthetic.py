@@ -399,8 +399,8 @@ def make_synthetic(out: str | Path, *, train_ids: int = 150, test_ids: int = 150
     def write(split: str, pid: int, cam: int, image: np.ndarray, rng: np.random.Generator) -> None:
         frames[cam] += 1
         name = f"{pid:04d}" if pid >= 0 else "-1"
-        _save(folders[split] / f"{name}_c{cam + 1}s{rng.integers(1, 7)}_{frames[cam]:06d}_{rng.integers(0, 10):02d}.jpg",
-              image)
+        sequence, suffix = rng.integers(1, 7), rng.integers(0, 10)
+        _save(folders[split] / f"{name}_c{cam + 1}s{sequence}_{frames[cam]:06d}_{suffix:02d}.jpg", image)
         counts[split] += 1
 
     total = train_ids + test_ids
