@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the running training is asked to checkpoint
     # and the parent MLflow run is marked KILLED, so the same command resumes later.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    # Bounded MLflow calls in this process (training processes bound their own: pipeline/tracking.py).
+    # Bounded MLflow calls in this process (training processes bound their own: pipeline/tracking/).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     try:
