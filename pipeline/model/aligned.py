@@ -55,10 +55,13 @@ class AlignedReID(nn.Module):
         if self.classifier.bias is not None:
             nn.init.zeros_(self.classifier.bias)
         if local_head in ("pool-conv-bn-relu", "pool-conv-bn"):
-            # Reproduction A: pool the map over the width, then 1x1 conv, BN, ReLU on each stripe
-            # (pool-conv-bn: without the ReLU, so the stripe features are signed).
+            # Reproduction A: pool the map over the width, then 1x1 conv, BN, ReLU on each stripe.
+            # pool-conv-bn: no ReLU and a BN without learnt scale and shift, so every stripe dimension
+            # stays centred with unit variance over the batch: signed stripes that, once L2-normalised,
+            # cannot all collapse onto one direction (the trivial minimum of a batch-hard triplet loss
+            # whose hardest negatives are still closer than its hardest positives).
             self.local_conv = nn.Conv2d(dim, local_dim, 1, bias=False)  # BN follows: a bias is redundant
-            self.local_bn = nn.BatchNorm2d(local_dim)
+            self.local_bn = nn.BatchNorm2d(local_dim, affine=local_head == "pool-conv-bn-relu")
         else:
             # AlignedReID++: BN and ReLU on the whole map, pool over the width, then a 1x1 conv.
             self.local_bn = nn.BatchNorm2d(dim)
