@@ -50,7 +50,7 @@ class ModelConfig:
     neck: bool = True                        # BN neck on the global feature
     local_dim: int = 128
     stripe_pool: str = "avg"                 # avg | max (pooling over the width)
-    # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++) | pool-conv-bn (signed stripes)
+    # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++) | pool-conv-bn (whitened, signed)
     local_head: str = "pool-conv-bn-relu"
     local_normalize: bool = False            # L2-normalise each stripe feature (train and test)
     sync_bn: bool = False                    # SyncBatchNorm (multi-GPU)

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import CHOICES, ModelConfig
 from .backbone import ResNet
 from .pretrained import LoadReport, load_pretrained
 
 log = logging.getLogger(__name__)
 
-LOCAL_HEADS = ("pool-conv-bn-relu", "bn-relu-pool-conv", "pool-conv-bn")
+LOCAL_HEADS = CHOICES["model.local_head"]   # the one list, kept where the config is validated
 
 
 class AlignedReID(nn.Module):
