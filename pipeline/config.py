@@ -53,6 +53,10 @@ class ModelConfig:
     # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++) | pool-conv-bn (whitened, signed)
     local_head: str = "pool-conv-bn-relu"
     local_normalize: bool = False            # L2-normalise each stripe feature (train and test)
+    # Scale gamma of the stripe BN at initialisation (pool-conv-bn-relu): one (PyTorch >= 1.0: stripes
+    # start ~9 apart, where tanh(d/2) is flat and the branch never learns) | uniform (U(0, 1), PyTorch
+    # 0.3's default, what the reproduction really ran) | unit-distance (unrelated stripes start 1 apart)
+    local_bn_init: str = "unit-distance"
     sync_bn: bool = False                    # SyncBatchNorm (multi-GPU)
 
 
@@ -120,7 +124,7 @@ class EvalConfig:
     every_epochs: int = 10                   # 0 disables evaluation during training
     at_start: bool = False                   # also evaluate the initial model (a baseline to beat)
     final: bool = True                       # evaluate after the last epoch
-    distance: str = "global"                 # global | local | global+local
+    distance: str = "global"                 # global | local | global+local (common scale) | global+local-sum
     rerank: bool = False
     batch_size: int = 128
     max_rank: int = 50
@@ -167,6 +171,7 @@ CHOICES = {
     "model.backbone": BACKBONES,
     "model.stripe_pool": ("avg", "max"),
     "model.local_head": ("pool-conv-bn-relu", "bn-relu-pool-conv", "pool-conv-bn"),
+    "model.local_bn_init": ("one", "uniform", "unit-distance"),
     "loss.local_mining": ("global", "local"),
     "model.last_stride": (1, 2),
     "train.optimizer": ("adam", "sgd"),
@@ -175,7 +180,7 @@ CHOICES = {
     "train.nan_policy": ("stop", "skip"),
     "engine.backend": ("ddp", "deepspeed"),
     "engine.dist_backend": ("auto", "gloo", "nccl"),
-    "eval.distance": ("global", "local", "global+local"),
+    "eval.distance": ("global", "local", "global+local", "global+local-sum"),
     "data.decode_cache": ("none", "host", "device"),
 }
 

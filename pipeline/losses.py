@@ -34,6 +34,37 @@ from .config import LossConfig
 from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
 TERMS = ("global_triplet", "local_triplet", "id", "mutual_prob", "mutual_metric")
+# Is the aligned branch alive? Detached statistics of the local triplets (reported as `local/<name>`):
+DIAGNOSTICS = ("pos_match", "neg_match", "saturated", "neg_cosine", "precision")
+SATURATED = 0.99      # an element distance above this has a tanh slope below 0.01: it no longer learns
+
+
+@torch.no_grad()
+def local_diagnostics(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                      d_ap: torch.Tensor, d_an: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Whether the local branch learns, from the stripes of the local triplets ([A, S, L] each), their
+    aligned distances d_ap, d_an [A] and the valid anchors [A] (bool):
+
+    * pos_match / neg_match: the median, over anchor stripes, of each stripe's best-matching (smallest)
+      element distance to the mined positive's / negative's stripes. A healthy branch keeps pos_match
+      well below 1 and neg_match above it; both near 1 is saturation, both near 0 collapse;
+    * saturated: the share of all element distances (both pairs) above 0.99, where tanh has no slope;
+    * neg_cosine: the mean cosine between each anchor stripe and its best-matching negative stripe
+      (near 1: different people's stripes have collapsed onto one direction);
+    * precision: how often the local distance puts the mined positive before the mined negative."""
+    keep = valid.nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return {name: torch.zeros((), dtype=d_ap.dtype, device=d_ap.device) for name in DIAGNOSTICS}
+    a, p, n = anchors[keep], positives[keep], negatives[keep]
+    e_ap = torch.tanh(torch.cdist(a, p) / 2)                      # [V, S, S] element distances
+    e_an = torch.tanh(torch.cdist(a, n) / 2)
+    best_an, j = e_an.min(2)
+    matched = n.gather(1, j[..., None].expand(-1, -1, n.shape[2]))
+    cosine = torch.nn.functional.cosine_similarity(a, matched, dim=2, eps=EPS)
+    return {"pos_match": e_ap.min(2).values.median(), "neg_match": best_an.median(),
+            "saturated": torch.cat([e_ap.flatten(), e_an.flatten()]).gt(SATURATED).to(d_ap.dtype).mean(),
+            "neg_cosine": cosine.mean(),
+            "precision": (d_ap[keep] < d_an[keep]).to(d_ap.dtype).mean()}
 
 
 def pairwise_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,7 +120,9 @@ class AlignedReIDCriterion:
     gradient equal the single-process one). terms: detached scalars `global_triplet`, `local_triplet`,
     `id`, `mutual_prob`, `mutual_metric` (unweighted; summed over the two networks of a mutual pair;
     each is this rank's share, so their mean over ranks is the single-process value), `precision`
-    (fraction of this rank's valid anchors with d(a, n) > d(a, p), averaged over networks) and `total`.
+    (fraction of this rank's valid anchors with d(a, n) > d(a, p), averaged over networks), with the
+    local triplet the branch's health `local/<name>` (see `local_diagnostics`; this rank's figures, the
+    trainer reports their mean over ranks) and `total`.
     A term with weight 0 is not computed (reported as 0). `last_timing` holds the wall time of the
     last call: `comm_s` (feature and pid gathers) and `loss_s` (the whole forward of the loss);
     `synchronize=True` waits for the GPU around them for exact figures."""
@@ -155,6 +188,7 @@ class AlignedReIDCriterion:
         mine = w["global_triplet"] > 0 or w["local_triplet"] > 0
         sums = {name: torch.zeros((), dtype=dtype, device=device) for name in TERMS}
         precision = torch.zeros((), dtype=dtype, device=device)
+        diagnostics: dict[str, torch.Tensor] = {}
         comm_s = 0.0
 
         if mine or w["mutual_metric"] > 0:
@@ -197,6 +231,11 @@ class AlignedReIDCriterion:
                                                         l_all[i][torch.cat([lpos, lneg])])
                         loss_i = triplet(local_d[:count], local_d[count:], self.cfg.margin)
                         sums["local_triplet"] += (loss_i * weight).sum()
+                        stats = local_diagnostics(anchors.detach(), l_all[i][lpos].detach(),
+                                                  l_all[i][lneg].detach(), local_d[:count].detach(),
+                                                  local_d[count:].detach(), valid)
+                        for name, value in stats.items():
+                            diagnostics[name] = diagnostics.get(name, 0.0) + value / len(nets)
             if w["mutual_metric"] > 0:
                 for i, dist in enumerate(dists):
                     partner = dists[1 - i].detach()
@@ -216,5 +255,6 @@ class AlignedReIDCriterion:
         loss = sum(w[name] * scale.get(name, 1.0) * sums[name] for name in TERMS if w[name] > 0)
         terms = {name: value.detach() for name, value in sums.items()}
         terms["precision"] = precision.detach()
+        terms.update({f"local/{name}": value for name, value in diagnostics.items()})
         terms["total"] = loss.detach()
         return loss, terms, comm_s

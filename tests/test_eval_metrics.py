@@ -8,7 +8,7 @@ import torch
 
 from pipeline.evaluation import (pairwise_distance, rank_metrics, rank_metrics_from_features,
                                  rerank)
-from pipeline.evaluation.metrics import query_stats_from_features, summarise
+from pipeline.evaluation.metrics import feature_distance, query_stats_from_features, summarise
 
 
 def reference_metrics(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50):
@@ -130,13 +130,38 @@ def test_local_distance_modes():
     qf, gf = torch.randn(30, 8), torch.randn(80, 8)
     ql, gl = torch.randn(30, 4, 6), torch.randn(80, 4, 6)
     d_local = local_distance(ql, gl)
-    expect = {"local": d_local, "global+local": pairwise_distance(qf, gf) + d_local}
+    # global+local: each distance over its largest possible value; 4 stripes: paths of at most 7 cells,
+    # each below 1 for stripes that are not unit length.
+    expect = {"local": d_local, "global+local-sum": pairwise_distance(qf, gf) + d_local,
+              "global+local": pairwise_distance(qf, gf) / 2 + d_local / 7}
     for mode, dist in expect.items():
         ref = reference_metrics(dist.numpy(), q_pids, g_pids, q_cams, g_cams)
         got = rank_metrics_from_features(qf if mode != "local" else None,
                                          gf if mode != "local" else None, q_pids, g_pids,
                                          q_cams, g_cams, local=(ql, gl), distance=mode, chunk_size=7)
         assert_same(ref, got, atol=1e-9)
+
+
+def test_global_local_common_scale_by_hand():
+    """combine_scaled on a 1 x 1 case worked out by hand: unit global features at 90 degrees
+    (distance sqrt 2), and 2 unit stripes each (bound (2*2 - 1) * tanh(1))."""
+    import math
+
+    from pipeline.evaluation.metrics import local_distance_bound
+
+    qf, gf = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    ql = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    gl = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    # Element distances tanh(|f - g| / 2): d00 = tanh(sqrt2 / 2), d01 = same, d10 = d11 = 0.
+    e = math.tanh(math.sqrt(2) / 2)
+    path = min(e + e + 0.0, e + 0.0 + 0.0)        # (0,0)->(0,1)->(1,1) or (0,0)->(1,0)->(1,1)
+    bound = 3 * math.tanh(1.0)
+    assert local_distance_bound(gl) == pytest.approx(bound)
+    assert local_distance_bound(2 * gl) == 3.0       # not unit length: tanh < 1 is the only bound
+    got = feature_distance(qf, gf, x_local=ql, y_local=gl, distance="global+local")
+    assert got.item() == pytest.approx(math.sqrt(2) / 2 + path / bound, abs=1e-5)
+    plain = feature_distance(qf, gf, x_local=ql, y_local=gl, distance="global+local-sum")
+    assert plain.item() == pytest.approx(math.sqrt(2) + path, abs=1e-5)
 
 
 def test_rerank_output_feeds_metrics():

@@ -18,6 +18,8 @@ DEFAULT_CURVE_VARIANTS = ("global", "aligned")
 TEST_VARIANTS: dict[str, tuple[str, str, bool]] = {
     "global": ("global", "global", False),
     "global_local": ("global+local", "global+local", False),
+    "global_local_sum": ("global+local (plain sum)", "global+local-sum", False),
+    "local": ("local", "local", False),
     "global_rerank": ("global re-ranked", "global", True),
     "global_local_rerank": ("global+local re-ranked", "global+local", True),
 }

@@ -24,6 +24,31 @@ from .state import TrainState
 _NOT_SENT = ("epoch", "step", "global_step", "time")   # in the JSONL record, not tracker metrics
 
 
+def _metric_name(term: str) -> str:
+    """A loss term's name in the records: `loss/<term>`; the branch diagnostics (`local/pos_match`, ...)
+    keep their own group."""
+    return term if "/" in term else f"loss/{term}"
+
+
+def branch_health(means: dict[str, float]) -> str | None:
+    """None when the aligned branch looks alive over an epoch (means of the `local/...` diagnostics,
+    see pipeline.losses.local_diagnostics), else what is wrong and the fix."""
+    if "local/pos_match" not in means:
+        return None
+    pos, neg = means["local/pos_match"], means["local/neg_match"]
+    sat, cos = means["local/saturated"], means["local/neg_cosine"]
+    if pos > 0.95:
+        return (f"the aligned branch is saturated: the same person's best-matching stripes are {pos:.3f} "
+                f"apart (tanh flat above 0.95), {sat:.0%} of element distances are above 0.99, so the "
+                "local loss has no gradient. Fix: model.local_bn_init=unit-distance (stripes start 1 "
+                "apart), the shipped default")
+    if cos > 0.95 or neg < 0.05:
+        return (f"the aligned branch has collapsed: different people's matched stripes are {neg:.3f} "
+                f"apart with cosine {cos:.3f}, so the local distance cannot tell people apart. Fix: "
+                "unnormalised stripes with model.local_bn_init=unit-distance (model.local_normalize=false)")
+    return None
+
+
 class Reporter:
     def __init__(self, out: Path, tracker: Tracker, *, is_main: bool, log_every: int, epochs: int,
                  steps_per_epoch: int, images_per_step: int):
@@ -32,6 +57,8 @@ class Reporter:
         self.images_per_step = images_per_step
         self._jsonl = None
         self._bar = None
+        self.epoch_means: dict[str, float] = {}
+        self.health_warning: str | None = None
 
     def message(self, text: str) -> None:
         """One line on stderr from the main rank (above the progress bar)."""
@@ -66,7 +93,7 @@ class Reporter:
         step_time = max(timing["step_s"] + data_wait, 1e-9)
         # "time": wall clock (Unix seconds) when the step ended, for rates over many steps.
         record = {"epoch": state.epoch, "step": state.step_in_epoch, "global_step": state.global_step,
-                  "time": time.time(), "lr": lr, **{f"loss/{k}": v for k, v in terms.items()},
+                  "time": time.time(), "lr": lr, **{_metric_name(k): v for k, v in terms.items()},
                   "throughput/images_per_s": self.images_per_step / step_time,
                   "time/data_wait_share": data_wait / step_time}
         for key in ("comm_s", "loss_s"):
@@ -75,9 +102,12 @@ class Reporter:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._bar.update(1)
+            local = (f"local {terms['local_triplet']:.3f} (pos {terms['local/pos_match']:.2f} "
+                     f"neg {terms['local/neg_match']:.2f} sat {terms['local/saturated']:.0%} "
+                     f"prec {terms['local/precision']:.2f}) " if "local/pos_match" in terms else "")
             self._bar.set_postfix_str(f"loss {terms.get('total', float('nan')):.3f} "
                                       f"tri {terms.get('global_triplet', 0):.3f} id {terms.get('id', 0):.3f} "
-                                      f"{record['throughput/images_per_s']:.0f} img/s")
+                                      f"{local}{record['throughput/images_per_s']:.0f} img/s")
         if state.global_step % self.log_every == 0 or state.step_in_epoch == self.steps_per_epoch:
             self.tracker.log_metrics({k: v for k, v in record.items() if k not in _NOT_SENT},
                                      step=state.global_step)
@@ -92,7 +122,8 @@ class Reporter:
         self.close_bar()
         self._elapsed = elapsed = max(time.perf_counter() - self._t0, 1e-9)   # before any evaluation
         means = {k: v / max(1, self._steps) for k, v in self._sums.items()}
-        metrics = {f"epoch/loss_{k}": v for k, v in means.items()}
+        self.epoch_means = means
+        metrics = {(f"epoch/{k}" if "/" in k else f"epoch/loss_{k}"): v for k, v in means.items()}
         metrics["epoch/images_per_s"] = self._steps * self.images_per_step / elapsed
         metrics["epoch/data_wait_share"] = self._data_wait / elapsed
         return metrics
@@ -105,6 +136,15 @@ class Reporter:
         self.message(f"epoch {state.epoch + 1}/{self.epochs}: {self._steps} steps in {self._elapsed:.1f}s, "
                      f"{metrics['epoch/images_per_s']:.0f} img/s, "
                      f"loss {metrics.get('epoch/loss_total', float('nan')):.4f}{evals}")
+
+    def check_branch(self) -> str | None:
+        """After an epoch: warn once (the first epoch that shows it) when the aligned branch is
+        saturated or collapsed. Returns the warning, or None."""
+        problem = None if self.health_warning else branch_health(self.epoch_means)
+        if problem:
+            self.health_warning = problem
+            self.message(f"WARNING: {problem}")
+        return problem
 
     # --------------------------------------------------------------------------------------- end
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -222,6 +222,7 @@ class Trainer:
         if (last_epoch and cfg.eval.final) or (every and (s.epoch + 1) % every == 0):
             metrics.update(self.evaluate())
         self.report.end_epoch(s, metrics)
+        self.report.check_branch()
         self.save_checkpoint()  # epoch end: step_in_epoch == steps_per_epoch
         s.epoch, s.step_in_epoch = s.epoch + 1, 0
 
@@ -349,6 +350,9 @@ class Trainer:
             "checkpoint": str(self.ckpt.dir / (self.ckpt.latest_name() or "")),
             "precision": self.precision(),
         }
+        health = {k.removeprefix("local/"): v for k, v in self.report.epoch_means.items() if k.startswith("local/")}
+        if health:   # the aligned branch's diagnostics over the last epoch trained in this process
+            summary["local_branch"] = {**health, "warning": self.report.health_warning}
         if self.dist.is_main:
             clear_marker(self.out)
             self.report.write_summary(summary)

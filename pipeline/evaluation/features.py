@@ -28,7 +28,7 @@ from pipeline import distributed as D
 from pipeline.checkpoint import evaluated_network
 from pipeline.data import eval_batches, load_manifest, read_images
 from pipeline.fileio import atomic_write
-from pipeline.evaluation.metrics import (feature_distance, query_stats_from_features, rank_metrics,
+from pipeline.evaluation.metrics import (USES_LOCAL, feature_distance, query_stats_from_features, rank_metrics,
                                          summarise)
 from pipeline.evaluation.rerank import rerank_from_features
 
@@ -140,9 +140,12 @@ def evaluate(model: nn.Module, shards_dir: str | Path, *, image_size: tuple[int,
     """Collective (every rank calls it; every rank gets the same dict): rank-1/5/10, mAP, mINP, cmc,
     valid_queries of the query split against the gallery split, and `artifacts` (paths written).
 
-    distance: 'global' | 'local' | 'global+local'. Global features are L2-normalised and, with the
-    default metric, compared by Euclidean distance; stripe features are L2-normalised per stripe
-    before the aligned local distance (as the AlignedReID reproductions do). rerank: k-reciprocal
+    distance: 'global' | 'local' | 'global+local' | 'global+local-sum'. Global features are
+    L2-normalised and, with the default metric, compared by Euclidean distance. Stripe features are
+    used as the model returns them: L2-normalised per stripe exactly when it was trained so
+    (`model.local_normalize`), as test time must equal training time. 'global+local' puts the two
+    distances on a common scale (pipeline.evaluation.metrics.combine_scaled); '-sum' adds them plainly
+    (the reproductions). rerank: k-reciprocal
     re-ranking (k1=20, k2=6, λ=0.3). With `output_dir` (on rank 0) the CMC curve, ranked lists and
     metrics.json are written there (pictures when `plots`). The model is put in eval mode and its
     previous mode restored."""
@@ -150,17 +153,15 @@ def evaluate(model: nn.Module, shards_dir: str | Path, *, image_size: tuple[int,
     was_training = net.training
     net.eval()
     try:
-        with_local = distance in ("local", "global+local")
+        with_local = distance in USES_LOCAL
         kwargs = dict(image_size=image_size, device=device, batch_size=batch_size,
                       with_local=with_local, num_workers=num_workers, progress=progress)
         q = extract_features(net, shards_dir, "query", **kwargs)
         g = extract_features(net, shards_dir, "gallery", **kwargs)
     finally:
         net.train(was_training)
-    for part in (q, g):
+    for part in (q, g):   # stripes stay as the model gives them: unit length exactly when it was trained so
         part["global"] = torch.nn.functional.normalize(part["global"], dim=1)
-        if part["local"] is not None:
-            part["local"] = torch.nn.functional.normalize(part["local"], dim=2)
     use_global = distance != "local"
     qf, gf = (q["global"], g["global"]) if use_global else (None, None)
     local = (q["local"], g["local"]) if with_local else None

@@ -30,7 +30,30 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ("euclidean", "cosine")
-DISTANCES = ("global", "local", "global+local")
+# global+local: both distances on a common scale (each divided by its largest possible value, see
+# `combine_scaled`); global+local-sum: the reproductions' plain sum, kept for comparison.
+DISTANCES = ("global", "local", "global+local", "global+local-sum")
+USES_GLOBAL = ("global", "global+local", "global+local-sum")
+USES_LOCAL = ("local", "global+local", "global+local-sum")
+
+
+def local_distance_bound(stripes: torch.Tensor) -> float:
+    """The largest aligned local distance stripes [N, S, C] can have: the longest path, 2S - 1 cells,
+    times the largest element distance, tanh(||f - g|| / 2) < 1, or tanh(1) when every stripe is unit
+    length (||f - g|| <= 2)."""
+    s = stripes.shape[1]
+    unit = stripes.numel() > 0 and bool(((stripes.norm(dim=2) - 1).abs() < 1e-3).all())
+    return (2 * s - 1) * (float(torch.tanh(torch.tensor(1.0))) if unit else 1.0)
+
+
+def combine_scaled(d_global: torch.Tensor, d_local: torch.Tensor, local_bound: float) -> torch.Tensor:
+    """global+local on a common scale: d_global / 2 + d_local / local_bound, each term in [0, 1].
+
+    2 is the largest distance of L2-normalised global features (Euclidean, and cosine distance
+    1 - cos); `local_bound` is `local_distance_bound` of the stripes. The plain sum of the
+    reproductions lets the local path (up to 2S - 1, i.e. 31 with 16 stripes) swamp the global term
+    (at most 2)."""
+    return d_global / 2.0 + d_local / local_bound
 # Default chunk: about this many q x g cells per step (a few tens of MB of temporaries).
 CHUNK_CELLS = 1 << 22
 FEATURE_CHUNK = 256
@@ -88,7 +111,9 @@ class DistanceTo:
     """Distances from any images to a fixed set `y` (the gallery, say), in one of the AlignedReID modes.
 
     'global': Euclidean or cosine distance of the global features; 'local': the aligned local distance
-    of the stripe features (shortest path, pipeline.alignment); 'global+local': their sum. The work
+    of the stripe features (shortest path, pipeline.alignment); 'global+local': both on a common scale
+    (`combine_scaled`: global features must be L2-normalised, as `evaluate` makes them);
+    'global+local-sum': their plain sum (the reproductions' test distance). The work
     that depends on `y` alone (squared norms, unit vectors) is done once here, not once per chunk of
     queries: on MSMT17 that would be a 0.7 GB pass, and as many temporaries, per chunk."""
 
@@ -99,8 +124,10 @@ class DistanceTo:
         if metric not in METRICS:
             raise ValueError(f"metric is {metric!r}; must be one of {list(METRICS)}")
         self.metric, self.distance, self.y_local = metric, distance, y_local
+        # global+local: the local term's bound, from the set y (the same stripes model as the rows).
+        self.local_bound = local_distance_bound(y_local) if distance == "global+local" else None
         self.y = self.y_sq = None
-        if distance in ("global", "global+local"):
+        if distance in USES_GLOBAL:
             self.y = yf if metric == "euclidean" else F.normalize(yf, dim=1)
             self.y_sq = (yf * yf).sum(1) if metric == "euclidean" else None
 
@@ -117,11 +144,16 @@ class DistanceTo:
             else:
                 out = torch.ones((xf.shape[0], y.shape[0]), dtype=xf.dtype).addmm_(
                     F.normalize(xf, dim=1), y.t(), alpha=-1.0)
-        if self.distance in ("local", "global+local"):
+        if self.distance in USES_LOCAL:
             from pipeline.alignment import local_distance  # only needed for the local modes
             y_local = self.y_local if cols is None else self.y_local[cols]
             d_local = local_distance(x_local, y_local)
-            out = d_local if out is None else out + d_local.to(out.dtype)
+            if out is None:
+                out = d_local
+            elif self.distance == "global+local":
+                out = combine_scaled(out, d_local.to(out.dtype), self.local_bound)
+            else:
+                out = out + d_local.to(out.dtype)
         return out
 
 
@@ -144,7 +176,7 @@ def check_features(qf: ArrayLike | None, gf: ArrayLike | None, local: tuple | No
     if distance not in DISTANCES:
         raise ValueError(f"distance is {distance!r}; must be one of {list(DISTANCES)}")
     q_local = g_local = None
-    if distance in ("global", "global+local"):
+    if distance in USES_GLOBAL:
         qf, gf = as_tensor(qf, "qf"), as_tensor(gf, "gf")
         if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
             raise ValueError(f"qf {tuple(qf.shape)} and gf {tuple(gf.shape)} must be [N, D] with the "
@@ -156,7 +188,7 @@ def check_features(qf: ArrayLike | None, gf: ArrayLike | None, local: tuple | No
         _check_finite(gf, "gf")
     else:
         qf = gf = None
-    if distance in ("local", "global+local"):
+    if distance in USES_LOCAL:
         if local is None or len(local) != 2:
             raise ValueError(f"distance={distance!r} needs local=(q_local, g_local) stripe features "
                              f"[N, S, C]")

@@ -8,6 +8,7 @@ them at test time, a train/test mismatch).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,20 @@ from .pretrained import LoadReport, load_pretrained
 log = logging.getLogger(__name__)
 
 LOCAL_HEADS = CHOICES["model.local_head"]   # the one list, kept where the config is validated
+LOCAL_BN_INITS = CHOICES["model.local_bn_init"]
+
+
+def unit_distance_gamma(local_dim: int) -> float:
+    """The stripe-BN scale at which two unrelated stripes start a distance 1 apart.
+
+    After BN with scale g (shift 0) each pre-ReLU coordinate is ~N(0, g^2); after the ReLU it has
+    variance g^2 (1/2 - 1/(2 pi)). Two independent stripes of `local_dim` coordinates then differ by
+    E||f - g||^2 = local_dim * g^2 * (1 - 1/pi). With g = 1 and 128 coordinates that is 9.3, where
+    tanh(d / 2) = 0.9998 has slope 2e-4: the local loss has no gradient. At g = 1 / sqrt(local_dim
+    (1 - 1/pi)) the distance starts at 1 (tanh slope 0.39); training then pushes different people's
+    stripes out towards saturation (where, by the paper's design, they stop pulling on the path) while
+    the same person's matched stripes stay on the slope."""
+    return 1.0 / ((local_dim * (1.0 - 1.0 / math.pi)) ** 0.5)
 
 
 class AlignedReID(nn.Module):
@@ -32,7 +47,8 @@ class AlignedReID(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1, neck: bool = True,
                  local_dim: int = 128, stripe_pool: str = "avg", width: int = 64,
-                 local_head: str = "pool-conv-bn-relu", local_normalize: bool = False):
+                 local_head: str = "pool-conv-bn-relu", local_normalize: bool = False,
+                 local_bn_init: str = "unit-distance"):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes is {num_classes}; the identity classifier needs at least 1")
@@ -40,6 +56,11 @@ class AlignedReID(nn.Module):
             raise ValueError(f"stripe_pool is {stripe_pool!r}; must be 'avg' or 'max'")
         if local_head not in LOCAL_HEADS:
             raise ValueError(f"local_head is {local_head!r}; must be one of {LOCAL_HEADS}")
+        if local_bn_init not in LOCAL_BN_INITS:
+            raise ValueError(f"local_bn_init is {local_bn_init!r}; must be one of {LOCAL_BN_INITS}")
+        if local_bn_init != "one" and local_head != "pool-conv-bn-relu":
+            raise ValueError(f"local_bn_init={local_bn_init!r} scales the stripe BN of the pool-conv-bn-relu "
+                             f"head; local_head {local_head!r} has none to scale (use local_bn_init='one')")
         self.backbone = ResNet(backbone, last_stride, width)
         dim = self.backbone.out_channels
         self.feat_dim, self.local_dim, self.stripe_pool = dim, local_dim, stripe_pool
@@ -69,6 +90,11 @@ class AlignedReID(nn.Module):
             nn.init.zeros_(self.local_conv.bias)
         self.local_relu = nn.ReLU(inplace=True)
         nn.init.kaiming_normal_(self.local_conv.weight, mode="fan_out", nonlinearity="relu")
+        self.local_bn_init = local_bn_init
+        if local_bn_init == "uniform":      # PyTorch <= 0.4's BatchNorm default (pytorch#12325)
+            nn.init.uniform_(self.local_bn.weight, 0.0, 1.0)
+        elif local_bn_init == "unit-distance":
+            nn.init.constant_(self.local_bn.weight, unit_distance_gamma(local_dim))
 
     def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         return fmap.mean(3, keepdim=True) if self.stripe_pool == "avg" else fmap.amax(3, keepdim=True)
@@ -121,7 +147,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int, cache_dir: str | None 
     and GPUs): call `convert_sync_bn` in the multi-GPU set-up."""
     model = AlignedReID(num_classes, backbone=model_cfg.backbone, last_stride=model_cfg.last_stride,
                         neck=model_cfg.neck, local_dim=model_cfg.local_dim, stripe_pool=model_cfg.stripe_pool,
-                        local_head=model_cfg.local_head, local_normalize=model_cfg.local_normalize)
+                        local_head=model_cfg.local_head, local_normalize=model_cfg.local_normalize,
+                        local_bn_init=model_cfg.local_bn_init)
     report: LoadReport | None = None
     if model_cfg.pretrained:
         report = load_pretrained(model.backbone, model_cfg.pretrained, cache_dir)
