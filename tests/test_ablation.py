@@ -359,7 +359,7 @@ def test_misalignment_curve_end_to_end(tmp_path):
     out = tmp_path / "curve"
     proc = ablate(tmp_path, "--synthetic-misalign", "0,1", "--train-ids", "8", "--test-ids", "4",
                   "--seed-list", "0", "--out", str(out), "--test-variants", "global,global+local",
-                  "data.image_size=[64,32]", "train.epochs=1", "tracking.enabled=false")
+                  "--alignment-pairs", "12", "data.image_size=[64,32]", "train.epochs=1", "tracking.enabled=false")
     report = ok(proc)
     assert list(report["blocks"]) == ["misalign-0", "misalign-1"]
     assert [b["misalign"] for b in report["blocks"].values()] == [0.0, 1.0]
@@ -377,4 +377,13 @@ def test_misalignment_curve_end_to_end(tmp_path):
     md = (out / "ablation.md").read_text()
     assert "Synthetic data, misalignment 0" in md and "Synthetic data, misalignment 1" in md
     assert "## Misalignment curve: aligned − global" in md
+    # the aligned branch's figures: alignment on pairs of known geometry, and the branch diagnostics
+    for level in ("0", "1"):
+        align = json.loads((out / f"misalign-{level}" / "aligned" / "seed0" / "alignment.json").read_text())
+        assert align["pairs"] == 12 and 0 <= align["trained"]["path"] <= 1 and align["misalign"] == float(level)
+        branch = report["blocks"][f"misalign-{level}"]["branch"]
+        assert branch["aligned"]["alignment/path"]["values"] == [align["trained"]["path"]]
+        assert 0 <= branch["aligned"]["local_branch/saturated"]["mean"] <= 1
+        assert "local_branch/saturated" not in branch["global"]      # no local loss, no diagnostics
+    assert "| path on the true stripe ±1 |" in md and "| element distances > 0.99 |" in md
     assert report["parent_run_id"] is None and not (tmp_path / "mlflow.db").exists()

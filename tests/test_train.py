@@ -94,6 +94,13 @@ def test_ddp_two_processes_learn(reference_run):
     assert sum(seq[-k:]) / k < sum(seq[:k]) / k, f"loss did not decrease: {seq}"
     for key in ("rank1", "mAP", "mINP"):
         assert 0.0 <= summary["final_metrics"][key] <= 1.0
+    # The aligned branch's health is logged every step and summarised for the last epoch.
+    records = [json.loads(line) for line in (reference_run / "train_log.jsonl").read_text().splitlines()]
+    for key in ("local/pos_match", "local/neg_match", "local/saturated", "local/neg_cosine", "local/precision"):
+        assert all(0.0 <= rec[key] <= 1.0 for rec in records), key
+    branch = summary["local_branch"]
+    assert branch["saturated"] < 0.5 and branch["pos_match"] < 0.95, branch   # unit-distance stripes
+    assert branch["warning"] is None
     ckpts = sorted(p.name for p in (reference_run / "checkpoints").glob("ckpt-*.pt"))
     assert len(ckpts) == 2  # keep_last: 2
     assert (reference_run / "checkpoints" / "latest").read_text() == ckpts[-1]

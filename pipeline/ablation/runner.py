@@ -15,8 +15,9 @@ from pipeline.fileio import atomic_write
 from .options import (HEARTBEAT_S, METRICS, TEST_VARIANTS, AblationError, TrainingFailed, check_user_overrides,
                       comparable, differences, level_name, run_overrides)
 from .plots import plot_bars, plot_curve
-from .runs import _fmt_s, evaluate_run, finished_summary, prepare_synthetic, run_training, train_command
-from .stats import aggregate, compute_gains, format_report, misalign_curve
+from .runs import (_fmt_s, evaluate_run, finished_summary, measure_alignment, prepare_synthetic, run_training,
+                   train_command)
+from .stats import aggregate, branch_table, compute_gains, format_report, misalign_curve
 from .tracking import AblationTracking, parent_metrics
 
 
@@ -39,6 +40,7 @@ class AblationOptions:
     tracking_uri: str | None = None
     experiment: str | None = None
     heartbeat_s: float = HEARTBEAT_S
+    alignment_pairs: int = 200                     # synthetic data: pairs for the alignment accuracy (0: none)
 
 
 @dataclass
@@ -210,10 +212,15 @@ def _train_and_test(runs: list[_Run], opts: AblationOptions, recipe: Path, track
                                      f"see {run.dir / 'train.log'}")
             log(f"{head}: trained in {_fmt_s(elapsed)} (ablation so far {_fmt_s(time.monotonic() - t_all)})")
         tests = evaluate_run(Path(summary["checkpoint"]), run.cfg, run.dir, opts.tests, log)
+        # Synthetic data: the generator knows each stripe's body part, so the alignment is measurable.
+        alignment = (measure_alignment(Path(summary["checkpoint"]), run.cfg, run.dir, run.misalign, run.seed, log,
+                                       pairs=opts.alignment_pairs)
+                     if run.misalign is not None and opts.alignment_pairs > 0 else None)
         if tracking is not None:
             run_id = summary.get("mlflow_run_id") or _tracked_run_id(run.dir)
             tracking.log_child(run_id, _child_tags(run, tracking), tests)
-        per_run.setdefault(run.block, {}).setdefault(run.variant, {})[run.seed] = {"tests": tests, "summary": summary}
+        per_run.setdefault(run.block, {}).setdefault(run.variant, {})[run.seed] = {
+            "tests": tests, "summary": summary, "alignment": alignment}
     return per_run
 
 
@@ -252,6 +259,7 @@ def _report(opts: AblationOptions, recipe: Path, out: Path, blocks, per_run: dic
             "misalign": level, "shards": str(shards),
             "results": aggregate(values, opts.variants, opts.seeds, opts.tests),
             "gains": compute_gains(values, opts.variants, opts.seeds, opts.tests),
+            "branch": branch_table({v: [per_run[name][v][s] for s in opts.seeds] for v in opts.variants}),
             "runs": {},
         }
         for run in (r for r in runs if r.block == name):

@@ -228,3 +228,36 @@ def evaluate_run(checkpoint: Path, cfg: Config, run_dir: Path, tests: list[str],
         log(f"    test {label:<22} rank-1 {100 * record['rank1']:5.1f}  mAP {100 * record['mAP']:5.1f}  "
             f"mINP {100 * record['mINP']:5.1f}  ({time.monotonic() - t0:.0f}s)")
     return results
+
+
+def measure_alignment(checkpoint: Path, cfg: Config, run_dir: Path, misalign: float, seed: int,
+                      log: Callable[[str], None], pairs: int = 200) -> dict:
+    """alignment.json in run_dir: how often the trained model's shortest path matches each stripe to
+    the stripe showing the same body part (pipeline.evaluation.alignment_check), on synthetic
+    same-person pairs at the run's misalignment, beside an untrained network of the same config
+    (seed `seed`) and the plain diagonal. Computed once per checkpoint."""
+    path = run_dir / "alignment.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("checkpoint") == str(checkpoint) and stored.get("pairs") == pairs:
+            return stored
+    import dataclasses
+
+    import torch
+
+    from pipeline.evaluation.alignment_check import alignment_accuracy
+    from pipeline.model import build_model, model_from_checkpoint
+
+    t0 = time.monotonic()
+    size = tuple(cfg.data.image_size)
+    trained, _ = model_from_checkpoint(checkpoint)
+    torch.manual_seed(seed)
+    untrained = build_model(dataclasses.replace(cfg.model, pretrained=None), num_classes=1)
+    record = {"checkpoint": str(checkpoint), "misalign": misalign, "pairs": pairs,
+              "trained": alignment_accuracy(trained, size, pairs=pairs, misalign=misalign),
+              "untrained": alignment_accuracy(untrained, size, pairs=pairs, misalign=misalign)}
+    atomic_write(path, json.dumps(record, indent=1) + "\n")
+    log(f"    alignment (path on the true stripe ±1): trained {100 * record['trained']['path']:.1f}%, "
+        f"untrained {100 * record['untrained']['path']:.1f}%, diagonal "
+        f"{100 * record['trained']['diagonal']:.1f}%  ({time.monotonic() - t0:.0f}s)")
+    return record

@@ -93,6 +93,54 @@ def format_block(block: dict, title: str) -> str:
                 f"{TEST_VARIANTS[gain['minuend']][0]} vs {TEST_VARIANTS[gain['subtrahend']][0]}")
             lines.append(f"| {gain['label']} | {test} | "
                          + " | ".join(fmt_stat(gain[m], signed=True) for m in METRICS) + " |")
+    if block.get("branch"):
+        lines += ["", format_branch(block["branch"])]
+    return "\n".join(lines)
+
+
+BRANCH_FIGURES = {   # key in a run's record -> label (fractions, shown in percent)
+    "alignment/path": "path on the true stripe ±1", "alignment/untrained": "same, untrained network",
+    "alignment/diagonal": "diagonal on the true stripe ±1", "local_branch/saturated": "element distances > 0.99",
+    "local_branch/pos_match": "best-match distance, positive",
+    "local_branch/neg_match": "best-match distance, negative",
+    "local_branch/neg_cosine": "cosine of matched negative stripes", "local_branch/precision": "local precision"}
+
+
+def branch_table(records: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
+    """Per training variant, describe() over seeds of the aligned branch's figures: the alignment
+    accuracy (`alignment` of each run, when measured) and the last epoch's branch diagnostics
+    (`summary["local_branch"]`, when the variant trains the local loss). records[variant] = the
+    runs' {"summary", "alignment"} dicts."""
+    out: dict[str, dict[str, dict]] = {}
+    for variant, runs in records.items():
+        values: dict[str, list[float]] = {}
+        for run in runs:
+            align = run.get("alignment") or {}
+            figures = {}
+            if align:
+                figures = {"alignment/path": align["trained"]["path"],
+                           "alignment/untrained": align["untrained"]["path"],
+                           "alignment/diagonal": align["trained"]["diagonal"]}
+            branch = (run.get("summary") or {}).get("local_branch") or {}
+            figures.update({f"local_branch/{k}": v for k, v in branch.items() if isinstance(v, (int, float))})
+            for key, value in figures.items():
+                values.setdefault(key, []).append(float(value))
+        figures_n = {k: v for k, v in values.items() if len(v) == len(runs) and k in BRANCH_FIGURES}
+        if figures_n:
+            out[variant] = {k: describe(v) for k, v in figures_n.items()}
+    return out
+
+
+def format_branch(branch: dict[str, dict[str, dict]]) -> str:
+    """The aligned branch's figures as a markdown table (variants as columns)."""
+    variants = list(branch)
+    keys = [k for k in BRANCH_FIGURES if any(k in branch[v] for v in variants)]
+    lines = ["Aligned branch (percent; diagnostics over the last epoch; alignment on synthetic same-person "
+             "pairs whose body geometry is known):", "", "| figure | " + " | ".join(variants) + " |",
+             "|---|" + "---:|" * len(variants)]
+    for key in keys:
+        lines.append(f"| {BRANCH_FIGURES[key]} | "
+                     + " | ".join(fmt_stat(branch[v][key]) if key in branch[v] else "–" for v in variants) + " |")
     return "\n".join(lines)
 
 

@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", help=f"training variants (default {','.join(DEFAULT_VARIANTS)}; "
                                        f"with --synthetic-misalign {','.join(DEFAULT_CURVE_VARIANTS)})")
     ap.add_argument("--test-variants", help="test variants (default all: global,global+local,"
-                                            "global_rerank,global_local_rerank)")
+                                            "global_local_sum,local,global_rerank,global_local_rerank)")
+    ap.add_argument("--alignment-pairs", type=int, default=200,
+                    help="synthetic data: same-person pairs on which the stripe alignment is measured "
+                         "(default 200; 0 skips it)")
     ap.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun; default 1)")
     ap.add_argument("--tracking-uri", help="MLflow store (default: tracking.uri, $MLFLOW_TRACKING_URI, "
                                            "sqlite:///mlflow.db)")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             tests=parse_tests(args.test_variants), overrides=list(args.overrides), nproc=args.nproc,
             shards=args.shards, levels=levels, train_ids=args.train_ids, test_ids=args.test_ids,
             data_seed=args.data_seed, image_size=parse_image_size(args.image_size) if args.image_size else None,
-            tracking_uri=args.tracking_uri, experiment=args.experiment)
+            tracking_uri=args.tracking_uri, experiment=args.experiment, alignment_pairs=args.alignment_pairs)
         report = run_ablation(opts, log=lambda msg: print(msg, flush=True))
     except AblationError as exc:
         print(f"ablation error: {exc}", file=sys.stderr)

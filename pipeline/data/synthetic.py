@@ -343,10 +343,19 @@ def render_view(person: Person | None, cam: Camera, size: tuple[int, int], rng: 
     """One detector crop (uint8 [H, W, 3]) of `person` (None: background only, a junk crop).
 
     `misalign` is a level in [0, 1] or the parameters `misalignment(level)` returns."""
+    return render_placed(person, cam, size, rng, misalign)[0]
+
+
+def render_placed(person: Person | None, cam: Camera, size: tuple[int, int], rng: np.random.Generator,
+                  misalign: float | dict[str, float] = DEFAULT_MISALIGN) -> tuple[np.ndarray, float, float]:
+    """`render_view`'s crop with where the person stands in it: (image, top, height) in pixels, the
+    top of the head and the person's height (NaN for a junk crop). The same draws as `render_view`:
+    alignment measurements (pipeline/evaluation/alignment_check.py) know each stripe's body part."""
     m = misalignment(misalign) if not isinstance(misalign, dict) else misalign
     h, w = size
     cv = _Canvas(h, w)
     _background(cv, cam, rng)
+    top = ph = float("nan")
     if person is not None:
         ph = h * rng.uniform(m["scale_lo"], m["scale_hi"])
         top = h * rng.uniform(m["top_lo"], m["top_hi"])
@@ -358,7 +367,7 @@ def render_view(person: Person | None, cam: Camera, size: tuple[int, int], rng: 
                      swing=rng.normal(0, 0.04), stride=rng.normal(0, 0.05))
         if rng.random() < m["occluded"]:
             _occlude(cv, rng)
-    return _camera_response(cv.img, cam, rng)
+    return _camera_response(cv.img, cam, rng), float(top), float(ph)
 
 
 def _save(path: Path, image: np.ndarray) -> None:
