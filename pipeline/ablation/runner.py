@@ -16,7 +16,7 @@ from .options import (HEARTBEAT_S, METRICS, TEST_VARIANTS, AblationError, Traini
                       comparable, differences, level_name, run_overrides)
 from .plots import plot_bars, plot_curve
 from .runs import (_fmt_s, evaluate_run, finished_summary, measure_alignment, prepare_synthetic, run_training,
-                   train_command)
+                   synthetic_level, train_command)
 from .stats import aggregate, branch_table, compute_gains, format_report, misalign_curve
 from .tracking import AblationTracking, parent_metrics
 
@@ -213,9 +213,10 @@ def _train_and_test(runs: list[_Run], opts: AblationOptions, recipe: Path, track
             log(f"{head}: trained in {_fmt_s(elapsed)} (ablation so far {_fmt_s(time.monotonic() - t_all)})")
         tests = evaluate_run(Path(summary["checkpoint"]), run.cfg, run.dir, opts.tests, log)
         # Synthetic data: the generator knows each stripe's body part, so the alignment is measurable.
-        alignment = (measure_alignment(Path(summary["checkpoint"]), run.cfg, run.dir, run.misalign, run.seed, log,
+        level = run.misalign if run.misalign is not None else synthetic_level(Path(run.cfg.data.shards))
+        alignment = (measure_alignment(Path(summary["checkpoint"]), run.cfg, run.dir, level, run.seed, log,
                                        pairs=opts.alignment_pairs)
-                     if run.misalign is not None and opts.alignment_pairs > 0 else None)
+                     if level is not None and opts.alignment_pairs > 0 else None)
         if tracking is not None:
             run_id = summary.get("mlflow_run_id") or _tracked_run_id(run.dir)
             tracking.log_child(run_id, _child_tags(run, tracking), tests)

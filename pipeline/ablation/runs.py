@@ -230,6 +230,15 @@ def evaluate_run(checkpoint: Path, cfg: Config, run_dir: Path, tests: list[str],
     return results
 
 
+def synthetic_level(shards: Path) -> float | None:
+    """The misalignment level of shards that `prepare_synthetic` drew (its data.json beside them, as
+    `--shards <out>/data/misalign-1/shards` reuses them), else None."""
+    try:
+        return float(json.loads((shards.parent / "data.json").read_text())["misalign"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def measure_alignment(checkpoint: Path, cfg: Config, run_dir: Path, misalign: float, seed: int,
                       log: Callable[[str], None], pairs: int = 200) -> dict:
     """alignment.json in run_dir: how often the trained model's shortest path matches each stripe to
