@@ -53,10 +53,15 @@ class ModelConfig:
     # pool-conv-bn-relu (reproduction) | bn-relu-pool-conv (AlignedReID++) | pool-conv-bn (whitened, signed)
     local_head: str = "pool-conv-bn-relu"
     local_normalize: bool = False            # L2-normalise each stripe feature (train and test)
-    # Scale gamma of the stripe BN at initialisation (pool-conv-bn-relu): one (PyTorch >= 1.0: stripes
+    # Scale gamma of the stripe BN at initialisation (of the pool-conv-bn-relu head; the other heads have
+    # no stripe scale and ignore it): one (PyTorch >= 1.0: stripes
     # start ~9 apart, where tanh(d/2) is flat and the branch never learns) | uniform (U(0, 1), PyTorch
     # 0.3's default, what the reproduction really ran) | unit-distance (unrelated stripes start 1 apart)
     local_bn_init: str = "unit-distance"
+    # An identity classifier on every stripe (one linear layer shared by all stripes; trained with
+    # loss.local_id_weight): each stripe must tell people apart by itself, so the stripes cannot
+    # collapse onto one point or direction, the cheapest minimum of a batch-hard local triplet loss.
+    local_id: bool = False
     sync_bn: bool = False                    # SyncBatchNorm (multi-GPU)
 
 
@@ -66,6 +71,7 @@ class LossConfig:
     global_weight: float = 1.0
     local_weight: float = 1.0
     id_weight: float = 1.0
+    local_id_weight: float = 1.0             # the stripes' identity loss, with model.local_id (mean over stripes)
     label_smoothing: float = 0.1
     local_warmup_epochs: float = 0.0         # ramp the local loss weight linearly from 0 over these epochs
     local_mining: str = "global"             # global (the paper) | local: the distance that mines local triplets
@@ -269,7 +275,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         bad("data.pad", f"is {d.pad}; must be >= 0")
     if cfg.loss.margin is not None and cfg.loss.margin <= 0:
         bad("loss.margin", f"is {cfg.loss.margin}; must be > 0, or null for the soft margin")
-    for key in ("loss.global_weight", "loss.local_weight", "loss.id_weight",
+    for key in ("loss.global_weight", "loss.local_weight", "loss.id_weight", "loss.local_id_weight",
                 "loss.mutual_prob_weight", "loss.mutual_metric_weight"):
         if flat[key] < 0:
             bad(key, f"is {flat[key]}; loss weights must be >= 0 (0 disables the term)")

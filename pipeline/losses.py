@@ -33,7 +33,7 @@ from .alignment import EPS, local_distance, paired_local_distance
 from .config import LossConfig
 from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
-TERMS = ("global_triplet", "local_triplet", "id", "mutual_prob", "mutual_metric")
+TERMS = ("global_triplet", "local_triplet", "id", "local_id", "mutual_prob", "mutual_metric")
 # Is the aligned branch alive? Detached statistics of the local triplets (reported as `local/<name>`):
 DIAGNOSTICS = ("pos_match", "neg_match", "saturated", "neg_cosine", "precision")
 SATURATED = 0.99      # an element distance above this has a tanh slope below 0.01: it no longer learns
@@ -112,8 +112,9 @@ def _as_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class AlignedReIDCriterion:
     """`criterion(outputs, pids, labels) -> (loss, terms)`.
 
-    outputs: the model's train-mode dict (`global` [A, D], `local` [A, S, L], `logits` [A, C]) or, with
-    `mutual`, the list of the two networks' dicts. pids: [A] identity ids (mining), labels: [A] class
+    outputs: the model's train-mode dict (`global` [A, D], `local` [A, S, L], `logits` [A, C], and
+    `local_logits` [A, S, C] with model.local_id) or, with `mutual`, the list of the two networks'
+    dicts. pids: [A] identity ids (mining), labels: [A] class
     indices (ID loss), both for this rank's samples. Every rank must call it with the same A.
 
     loss: this rank's loss (see the module docstring for the normalisation that makes DDP's averaged
@@ -130,7 +131,7 @@ class AlignedReIDCriterion:
     def __init__(self, loss_cfg: LossConfig, mutual: bool = False, synchronize: bool = False):
         self.cfg, self.mutual, self.synchronize = loss_cfg, mutual, synchronize
         weights = {"global_triplet": loss_cfg.global_weight, "local_triplet": loss_cfg.local_weight,
-                   "id": loss_cfg.id_weight,
+                   "id": loss_cfg.id_weight, "local_id": loss_cfg.local_id_weight,
                    "mutual_prob": loss_cfg.mutual_prob_weight if mutual else 0.0,
                    "mutual_metric": loss_cfg.mutual_metric_weight if mutual else 0.0}
         if any(w < 0 for w in weights.values()):
@@ -245,6 +246,11 @@ class AlignedReIDCriterion:
             logits = _as_float(net["logits"], dtype)
             if w["id"] > 0:
                 sums["id"] += F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+            if w["local_id"] > 0 and "local_logits" in net:   # every stripe classified, mean over stripes
+                stripe_logits = _as_float(net["local_logits"], dtype)
+                sums["local_id"] += F.cross_entropy(stripe_logits.flatten(0, 1),
+                                                    labels.repeat_interleave(stripe_logits.shape[1]),
+                                                    label_smoothing=self.cfg.label_smoothing)
             if w["mutual_prob"] > 0:
                 # KL(p_partner || p_self), partner detached, summed over classes, mean over own samples.
                 partner = F.log_softmax(_as_float(nets[1 - i]["logits"], dtype), 1).detach()
@@ -252,7 +258,11 @@ class AlignedReIDCriterion:
                                                 log_target=True) / count
 
         scale = {"local_triplet": self.local_scale}
-        loss = sum(w[name] * scale.get(name, 1.0) * sums[name] for name in TERMS if w[name] > 0)
+        used = [name for name in TERMS if w[name] > 0 and (name != "local_id" or "local_logits" in nets[0])]
+        if not used:
+            raise ValueError("loss.local_id_weight is the only weight > 0, but the model has no stripe "
+                             "classifier: set model.local_id=true or another loss weight > 0")
+        loss = sum(w[name] * scale.get(name, 1.0) * sums[name] for name in used)
         terms = {name: value.detach() for name, value in sums.items()}
         terms["precision"] = precision.detach()
         terms.update({f"local/{name}": value for name, value in diagnostics.items()})

@@ -126,7 +126,8 @@ def test_reserved_or_malformed_overrides_are_refused(override, fragment):
 
 
 def test_variant_overrides_make_the_variants():
-    assert variant_overrides("global", 0.7) == ["loss.local_weight=0", "mutual.enabled=false"]
+    assert variant_overrides("global", 0.7) == ["loss.local_weight=0", "loss.local_id_weight=0",
+                                                "mutual.enabled=false"]
     assert variant_overrides("aligned", 0.7) == ["loss.local_weight=0.7", "mutual.enabled=false"]
     assert variant_overrides("mutual", 0.0) == ["loss.local_weight=1.0", "mutual.enabled=true"]
     user = ["train.epochs=3", "loss.local_weight=0.5", "eval.every_epochs=2"]

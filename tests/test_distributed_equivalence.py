@@ -37,7 +37,8 @@ def make_model() -> MutualPair:
     nets = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        nets.append(AlignedReID(NUM_CLASSES, backbone="resnet18", last_stride=1, width=16, local_dim=32))
+        nets.append(AlignedReID(NUM_CLASSES, backbone="resnet18", last_stride=1, width=16, local_dim=32,
+                                local_id=True))
     model = MutualPair(*nets).double().train()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -54,7 +55,8 @@ def make_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def loss_config(margin: float | None, mining: str = "global") -> LossConfig:
     # Distinct weights so a term counted twice or dropped changes the result.
-    return LossConfig(margin=margin, global_weight=1.0, local_weight=0.7, id_weight=0.5, label_smoothing=0.1,
+    return LossConfig(margin=margin, global_weight=1.0, local_weight=0.7, id_weight=0.5, local_id_weight=0.6,
+                      label_smoothing=0.1,
                       mutual_prob_weight=0.8, mutual_metric_weight=0.3, local_mining=mining)
 
 
@@ -99,11 +101,11 @@ def test_ranks_equal_single_process(tmp_path: Path, world: int, margin: float | 
     ranks = run_ranks(_worker, world, tmp_path, margin, mining)
     ref = single_process(margin, mining)
     # Every term is active and non-trivial, so the comparison covers all of them.
-    for name in ("global_triplet", "local_triplet", "id", "mutual_prob", "mutual_metric"):
+    for name in ("global_triplet", "local_triplet", "id", "local_id", "mutual_prob", "mutual_metric"):
         assert ref["terms"][name] > 1e-6, name
     torch.testing.assert_close(ranks[0]["loss"], ref["loss"], rtol=1e-10, atol=1e-12)
     for name, value in ref["terms"].items():
-        if name != "precision":  # a per-rank fraction, not additive
+        if name != "precision" and not name.startswith("local/"):  # per-rank statistics, not additive
             torch.testing.assert_close(ranks[0]["terms"][name], value, rtol=1e-10, atol=1e-12, msg=name)
     grads = ranks[0]["grads"]
     assert grads.keys() == ref["grads"].keys()

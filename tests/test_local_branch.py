@@ -42,8 +42,13 @@ def test_stripe_scale_at_initialisation():
 
 
 def test_stripe_scale_only_for_the_head_that_has_it():
-    with pytest.raises(ValueError, match="local_bn_init"):
-        AlignedReID(3, "resnet18", width=4, local_head="bn-relu-pool-conv", local_bn_init="unit-distance")
+    for head in ("bn-relu-pool-conv", "pool-conv-bn"):     # no stripe scale to set: left as it is
+        net = AlignedReID(3, "resnet18", width=4, local_head=head, local_bn_init="unit-distance")
+        assert net.local_bn_init == "one"
+        if net.local_bn.weight is not None:
+            assert torch.equal(net.local_bn.weight, torch.ones_like(net.local_bn.weight))
+    net = AlignedReID(3, "resnet18", width=4, local_dim=32, local_bn_init="unit-distance")
+    assert torch.allclose(net.local_bn.weight, torch.full((32,), unit_distance_gamma(32)))
     with pytest.raises(ValueError, match="must be one of"):
         AlignedReID(3, "resnet18", width=4, local_bn_init="zero")
 
@@ -149,3 +154,26 @@ def test_alignment_accuracy_on_an_untrained_network():
     for key in ("path", "diagonal", "path_exact", "diagonal_exact"):
         assert 0.0 <= result[key] <= 1.0
     assert result["path_exact"] <= result["path"] and result["diagonal_exact"] <= result["diagonal"]
+
+
+def test_stripe_identity_loss_by_hand():
+    """loss.local_id_weight with model.local_id: every stripe classified by the one shared classifier,
+    cross-entropy (label smoothing) averaged over stripes and samples; off without the classifier."""
+    from pipeline.config import LossConfig
+    from pipeline.losses import AlignedReIDCriterion
+
+    torch.manual_seed(0)
+    net = AlignedReID(4, "resnet18", last_stride=1, width=8, local_id=True).train()
+    out = net(torch.randn(8, 3, 64, 32))
+    assert out["local_logits"].shape == (8, 4, 4)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    cfg = LossConfig(global_weight=0, local_weight=0, id_weight=0, local_id_weight=0.5, label_smoothing=0.1)
+    loss, terms = AlignedReIDCriterion(cfg)(out, labels, labels)
+    by_hand = sum(torch.nn.functional.cross_entropy(out["local_logits"][:, s], labels, label_smoothing=0.1)
+                  for s in range(4)) / 4
+    assert terms["local_id"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * by_hand.item(), rel=1e-5)
+    loss.backward()
+    assert net.local_classifier.weight.grad.abs().sum() > 0 and net.local_conv.weight.grad.abs().sum() > 0
+    plain = AlignedReID(4, "resnet18", last_stride=1, width=8).train()
+    assert plain.local_classifier is None and "local_logits" not in plain(torch.randn(2, 3, 64, 32))

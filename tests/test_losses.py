@@ -36,8 +36,8 @@ def outputs(n: int, *, seed: int, stripes: int = 4, dim: int = 6, classes: int =
 
 
 def only(**weights) -> LossConfig:
-    base = {"global_weight": 0.0, "local_weight": 0.0, "id_weight": 0.0, "mutual_prob_weight": 0.0,
-            "mutual_metric_weight": 0.0}
+    base = {"global_weight": 0.0, "local_weight": 0.0, "id_weight": 0.0, "local_id_weight": 0.0,
+            "mutual_prob_weight": 0.0, "mutual_metric_weight": 0.0}
     return LossConfig(**{**base, **weights})
 
 
@@ -134,7 +134,7 @@ def test_zero_weight_skips_term() -> None:
     loss.backward()
     assert out["local"].grad is None and out["logits"].grad is None
     assert terms["local_triplet"] == 0 and terms["id"] == 0
-    assert set(terms) == {"global_triplet", "local_triplet", "id", "mutual_prob", "mutual_metric",
+    assert set(terms) == {"global_triplet", "local_triplet", "id", "local_id", "mutual_prob", "mutual_metric",
                           "precision", "total"}
     crit = AlignedReIDCriterion(LossConfig(), mutual=False)
     crit(outputs(len(PIDS), seed=7), PIDS, PIDS)

@@ -143,8 +143,8 @@ def variant_overrides(variant: str, recipe_local_weight: float) -> list[str]:
     if variant not in TRAIN_VARIANTS:
         raise AblationError(f"unknown training variant {variant!r}; choose from {', '.join(TRAIN_VARIANTS)}")
     weight = recipe_local_weight if recipe_local_weight > 0 else 1.0
-    if variant == "global":
-        return ["loss.local_weight=0", "mutual.enabled=false"]
+    if variant == "global":   # no local loss of any kind: the stripes' identity loss is off too
+        return ["loss.local_weight=0", "loss.local_id_weight=0", "mutual.enabled=false"]
     return [f"loss.local_weight={weight!r}", f"mutual.enabled={'true' if variant == 'mutual' else 'false'}"]
 
 

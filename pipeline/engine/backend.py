@@ -135,7 +135,8 @@ class DDPBackend(Backend):
         self.scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" and device.type == "cuda" else None
         if world_size > 1:
             # Terms with weight 0 leave parameters without gradient, which DDP must be told.
-            unused = cfg.loss.id_weight == 0 or cfg.loss.local_weight == 0
+            unused = (cfg.loss.id_weight == 0 or cfg.loss.local_weight == 0
+                      or (cfg.model.local_id and cfg.loss.local_id_weight == 0))
             self.wrapped = nn.parallel.DistributedDataParallel(
                 network, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=unused)

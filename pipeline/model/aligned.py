@@ -39,7 +39,8 @@ def unit_distance_gamma(local_dim: int) -> float:
 
 class AlignedReID(nn.Module):
     """Train mode: `model(x) -> {"global": [N, D] (pre-neck, for the triplet losses), "local":
-    [N, S, local_dim], "logits": [N, num_classes]}`.
+    [N, S, local_dim], "logits": [N, num_classes]}`, and "local_logits" [N, S, num_classes] (each
+    stripe's identity logits) with `local_id`.
     Eval mode: `model(x) -> [N, D]` (post-neck), `model(x, return_local=True) -> (global, local)`.
 
     S is the feature-map height: 8 at 256x128 with last_stride 2, 16 with last_stride 1. `width` is the
@@ -48,7 +49,7 @@ class AlignedReID(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1, neck: bool = True,
                  local_dim: int = 128, stripe_pool: str = "avg", width: int = 64,
                  local_head: str = "pool-conv-bn-relu", local_normalize: bool = False,
-                 local_bn_init: str = "unit-distance"):
+                 local_bn_init: str = "unit-distance", local_id: bool = False):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes is {num_classes}; the identity classifier needs at least 1")
@@ -58,9 +59,6 @@ class AlignedReID(nn.Module):
             raise ValueError(f"local_head is {local_head!r}; must be one of {LOCAL_HEADS}")
         if local_bn_init not in LOCAL_BN_INITS:
             raise ValueError(f"local_bn_init is {local_bn_init!r}; must be one of {LOCAL_BN_INITS}")
-        if local_bn_init != "one" and local_head != "pool-conv-bn-relu":
-            raise ValueError(f"local_bn_init={local_bn_init!r} scales the stripe BN of the pool-conv-bn-relu "
-                             f"head; local_head {local_head!r} has none to scale (use local_bn_init='one')")
         self.backbone = ResNet(backbone, last_stride, width)
         dim = self.backbone.out_channels
         self.feat_dim, self.local_dim, self.stripe_pool = dim, local_dim, stripe_pool
@@ -90,11 +88,17 @@ class AlignedReID(nn.Module):
             nn.init.zeros_(self.local_conv.bias)
         self.local_relu = nn.ReLU(inplace=True)
         nn.init.kaiming_normal_(self.local_conv.weight, mode="fan_out", nonlinearity="relu")
-        self.local_bn_init = local_bn_init
-        if local_bn_init == "uniform":      # PyTorch <= 0.4's BatchNorm default (pytorch#12325)
+        # The stripe scale: only the reproduction's head ends in a BN scale (the others end in a conv or
+        # in a BN without one), so local_bn_init concerns it alone.
+        self.local_bn_init = local_bn_init if local_head == "pool-conv-bn-relu" else "one"
+        if self.local_bn_init == "uniform":      # PyTorch <= 0.4's BatchNorm default (pytorch#12325)
             nn.init.uniform_(self.local_bn.weight, 0.0, 1.0)
-        elif local_bn_init == "unit-distance":
+        elif self.local_bn_init == "unit-distance":
             nn.init.constant_(self.local_bn.weight, unit_distance_gamma(local_dim))
+        # model.local_id: one identity classifier shared by all stripes (a stripe's identity logits).
+        self.local_classifier = nn.Linear(local_dim, num_classes, bias=False) if local_id else None
+        if self.local_classifier is not None:
+            nn.init.normal_(self.local_classifier.weight, std=0.001)
 
     def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         return fmap.mean(3, keepdim=True) if self.stripe_pool == "avg" else fmap.amax(3, keepdim=True)
@@ -118,8 +122,11 @@ class AlignedReID(nn.Module):
         global_feat = fmap.mean((2, 3))
         neck_feat = global_feat if self.neck is None else self.neck(global_feat)
         if self.training:
-            return {"global": global_feat, "local": self.local_features(fmap),
-                    "logits": self.classifier(neck_feat)}
+            local = self.local_features(fmap)
+            out = {"global": global_feat, "local": local, "logits": self.classifier(neck_feat)}
+            if self.local_classifier is not None:
+                out["local_logits"] = self.local_classifier(local)           # [N, S, num_classes]
+            return out
         if return_local:
             return neck_feat, self.local_features(fmap)
         return neck_feat
@@ -148,7 +155,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int, cache_dir: str | None 
     model = AlignedReID(num_classes, backbone=model_cfg.backbone, last_stride=model_cfg.last_stride,
                         neck=model_cfg.neck, local_dim=model_cfg.local_dim, stripe_pool=model_cfg.stripe_pool,
                         local_head=model_cfg.local_head, local_normalize=model_cfg.local_normalize,
-                        local_bn_init=model_cfg.local_bn_init)
+                        local_bn_init=model_cfg.local_bn_init, local_id=model_cfg.local_id)
     report: LoadReport | None = None
     if model_cfg.pretrained:
         report = load_pretrained(model.backbone, model_cfg.pretrained, cache_dir)
