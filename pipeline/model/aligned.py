@@ -95,9 +95,14 @@ class AlignedReID(nn.Module):
             nn.init.uniform_(self.local_bn.weight, 0.0, 1.0)
         elif self.local_bn_init == "unit-distance":
             nn.init.constant_(self.local_bn.weight, unit_distance_gamma(local_dim))
-        # model.local_id: one identity classifier shared by all stripes (a stripe's identity logits).
-        self.local_classifier = nn.Linear(local_dim, num_classes, bias=False) if local_id else None
-        if self.local_classifier is not None:
+        # model.local_id: one identity classifier shared by all stripes (a stripe's identity logits),
+        # behind a BN neck as the global classifier is: the stripes' scale is the triplet's business
+        # (it may shrink them), and the classifier must learn whatever that scale is.
+        self.local_neck = self.local_classifier = None
+        if local_id:
+            self.local_neck = nn.BatchNorm1d(local_dim)
+            self.local_neck.bias.requires_grad_(False)
+            self.local_classifier = nn.Linear(local_dim, num_classes, bias=False)
             nn.init.normal_(self.local_classifier.weight, std=0.001)
 
     def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -124,8 +129,9 @@ class AlignedReID(nn.Module):
         if self.training:
             local = self.local_features(fmap)
             out = {"global": global_feat, "local": local, "logits": self.classifier(neck_feat)}
-            if self.local_classifier is not None:
-                out["local_logits"] = self.local_classifier(local)           # [N, S, num_classes]
+            if self.local_classifier is not None:                            # [N, S, num_classes]
+                out["local_logits"] = self.local_classifier(self.local_neck(local.flatten(0, 1))).unflatten(
+                    0, local.shape[:2])
             return out
         if return_local:
             return neck_feat, self.local_features(fmap)
