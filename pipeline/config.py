@@ -58,6 +58,9 @@ class ModelConfig:
     # start ~9 apart, where tanh(d/2) is flat and the branch never learns) | uniform (U(0, 1), PyTorch
     # 0.3's default, what the reproduction really ran) | unit-distance (unrelated stripes start 1 apart)
     local_bn_init: str = "unit-distance"
+    # Keep the stripe BN's scale and shift at their initial values (pool-conv-bn-relu): the stripes'
+    # spread over the batch is then fixed, so the local triplet loss cannot shrink them all together.
+    local_bn_fixed: bool = False
     # An identity classifier on every stripe (one linear layer shared by all stripes; trained with
     # loss.local_id_weight): each stripe must tell people apart by itself, so the stripes cannot
     # collapse onto one point or direction, the cheapest minimum of a batch-hard local triplet loss.

@@ -49,7 +49,7 @@ class AlignedReID(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "resnet50", last_stride: int = 1, neck: bool = True,
                  local_dim: int = 128, stripe_pool: str = "avg", width: int = 64,
                  local_head: str = "pool-conv-bn-relu", local_normalize: bool = False,
-                 local_bn_init: str = "unit-distance", local_id: bool = False):
+                 local_bn_init: str = "unit-distance", local_id: bool = False, local_bn_fixed: bool = False):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes is {num_classes}; the identity classifier needs at least 1")
@@ -95,6 +95,10 @@ class AlignedReID(nn.Module):
             nn.init.uniform_(self.local_bn.weight, 0.0, 1.0)
         elif self.local_bn_init == "unit-distance":
             nn.init.constant_(self.local_bn.weight, unit_distance_gamma(local_dim))
+        self.local_bn_fixed = local_bn_fixed and local_head == "pool-conv-bn-relu"
+        if self.local_bn_fixed:       # the stripes' spread over the batch stays where it started
+            self.local_bn.weight.requires_grad_(False)
+            self.local_bn.bias.requires_grad_(False)
         # model.local_id: one identity classifier shared by all stripes (a stripe's identity logits),
         # behind a BN neck as the global classifier is: the stripes' scale is the triplet's business
         # (it may shrink them), and the classifier must learn whatever that scale is.
@@ -161,7 +165,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int, cache_dir: str | None 
     model = AlignedReID(num_classes, backbone=model_cfg.backbone, last_stride=model_cfg.last_stride,
                         neck=model_cfg.neck, local_dim=model_cfg.local_dim, stripe_pool=model_cfg.stripe_pool,
                         local_head=model_cfg.local_head, local_normalize=model_cfg.local_normalize,
-                        local_bn_init=model_cfg.local_bn_init, local_id=model_cfg.local_id)
+                        local_bn_init=model_cfg.local_bn_init, local_id=model_cfg.local_id,
+                        local_bn_fixed=model_cfg.local_bn_fixed)
     report: LoadReport | None = None
     if model_cfg.pretrained:
         report = load_pretrained(model.backbone, model_cfg.pretrained, cache_dir)
