@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                         help="k-reciprocal re-ranking (default: eval.rerank)")
     parser.add_argument("--distance", choices=CHOICES["eval.distance"],
-                        help="global, local (aligned stripes) or their sum (default: eval.distance)")
+                        help="global, local (aligned stripes), global+local (both on a common scale: each over "
+                             "its largest possible value) or global+local-sum (the reproductions' plain sum); "
+                             "default: eval.distance")
     parser.add_argument("--output-dir", help="where pictures and metrics.json go")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
