@@ -86,9 +86,10 @@ def test_reporter_warns_once(tmp_path, capsys):
     report = Reporter(tmp_path, tracker, is_main=True, log_every=1, epochs=2, steps_per_epoch=1, images_per_step=8)
     report.epoch_means = {"local/pos_match": 0.998, "local/neg_match": 0.999, "local/saturated": 0.94,
                           "local/neg_cosine": 0.1, "local/precision": 0.5}
-    first = report.check_branch()
+    assert report.check_branch(1, local_warmup_epochs=3) is None     # the local triplet is still ramping up
+    first = report.check_branch(3, local_warmup_epochs=3)
     assert first and "model.local_bn_init=unit-distance" in first
-    assert report.check_branch() is None          # once only
+    assert report.check_branch(4) is None          # once only
     assert capsys.readouterr().err.count("WARNING: the aligned branch is saturated") == 1
     assert report.health_warning == first
 

@@ -222,7 +222,7 @@ class Trainer:
         if (last_epoch and cfg.eval.final) or (every and (s.epoch + 1) % every == 0):
             metrics.update(self.evaluate())
         self.report.end_epoch(s, metrics)
-        self.report.check_branch()
+        self.report.check_branch(s.epoch + 1, cfg.loss.local_warmup_epochs)
         self.save_checkpoint()  # epoch end: step_in_epoch == steps_per_epoch
         s.epoch, s.step_in_epoch = s.epoch + 1, 0
 
