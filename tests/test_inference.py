@@ -95,7 +95,7 @@ def test_bad_inputs_are_named(extractor, tmp_path):
         extractor([torch.zeros(3, 8, 4, dtype=torch.uint8), bad])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         extractor(torch.full((3, 8, 4), 7.0))
-    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+    with pytest.raises(ValueError, match=r"H x W x 3 \(numpy\) or 3 x H x W \(tensor\)"):
         extractor(torch.zeros(8, 4, dtype=torch.uint8))
 
 

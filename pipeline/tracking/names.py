@@ -1,16 +1,16 @@
-"""Names and values MLflow accepts, and where the store is.
+"""Names and values MLflow accepts, and where the store is (the rule itself: pipeline.config).
 
 MLflow's limits are our own constants here (its validation module is private and moves between
 releases); they are those of MLflow 3 (mlflow/utils/validation.py), which a store enforces.
 """
 from __future__ import annotations
 
-import os
 import posixpath
 import re
 from typing import Any
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from pipeline.config import DEFAULT_TRACKING_URI, resolve_tracking_uri  # noqa: F401 (the rule lives in config)
+
 MAX_ENTITY_KEY_LENGTH = 250          # param / metric / tag key
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
@@ -19,11 +19,6 @@ MAX_METRICS_PER_BATCH = 1000
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"   # a logged model's registered versions (as MLflow writes it)
 _VALID_KEY = re.compile(r"^[/\w.\- :]*$")      # alphanumerics, _ - . space : /
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """tracking.uri if set, else $MLFLOW_TRACKING_URI, else MLflow's embedded sqlite:///mlflow.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def _path_not_unique(key: str) -> bool:
