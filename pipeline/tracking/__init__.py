@@ -4,7 +4,8 @@ compared afterwards.
     tracker.py      Tracker: the calling side (never blocks) and the worker thread that talks to MLflow
     store.py        the MLflow calls: open/continue a run, params, artifacts, the logged model, registry
     fallback.py     the whole run into a local sqlite store when the tracking store could not take it
-    names.py        keys and values MLflow accepts, MLflow's limits, the tracking URI rule
+    names.py        keys and values MLflow accepts, MLflow's limits, default run names
+    datasets.py     the training's shard sets as MLflow dataset inputs (mlflow.data)
     environment.py  tags: versions, host, git commit
     system.py       system metrics (psutil, nvidia-ml-py)
     compare.py      compare the runs of an experiment (reid-compare)
@@ -51,8 +52,8 @@ pickle: see pipeline.serving. Its files are the logged model's, not the run's ow
 too, but MLflow 3.17 resolves that through the process-wide tracking URI, not the client's).
 """
 from .environment import environment_tags
-from .names import DEFAULT_TRACKING_URI, clean_key, clip_value, resolve_tracking_uri, unflatten
+from .names import DEFAULT_TRACKING_URI, clean_key, clip_value, default_run_name, resolve_tracking_uri, unflatten
 from .tracker import STATUSES, Tracker
 
-__all__ = ["DEFAULT_TRACKING_URI", "STATUSES", "Tracker", "clean_key", "clip_value", "environment_tags",
-           "resolve_tracking_uri", "unflatten"]
+__all__ = ["DEFAULT_TRACKING_URI", "STATUSES", "Tracker", "clean_key", "clip_value", "default_run_name",
+           "environment_tags", "resolve_tracking_uri", "unflatten"]

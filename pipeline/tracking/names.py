@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import posixpath
 import re
+import secrets
+import time
 from typing import Any
 
 from pipeline.config import DEFAULT_TRACKING_URI, resolve_tracking_uri  # noqa: F401 (the rule lives in config)
@@ -19,6 +21,18 @@ MAX_METRICS_PER_BATCH = 1000
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"   # a logged model's registered versions (as MLflow writes it)
 _VALID_KEY = re.compile(r"^[/\w.\- :]*$")      # alphanumerics, _ - . space : /
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def default_run_name(*parts: Any, now: float | None = None) -> str:
+    """A run name that says what the run is and tells runs apart, for when tracking.run_name is unset:
+    the parts joined by '-', then the local start time and 4 random hex digits, e.g.
+    ``market1501-ddp-w2-20261206-213005-9f1c`` (the trainer's parts: experiment, engine, world size).
+
+    Why not MLflow's generated names: MLflow draws them from Python's `random`, which the trainer
+    seeds, so every run of a seed got the same name. The suffix here comes from the OS (secrets),
+    which no seed touches."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return "-".join([*(str(p) for p in parts if p not in (None, "")), stamp, secrets.token_hex(2)])
 
 
 def _path_not_unique(key: str) -> bool:
