@@ -26,9 +26,11 @@ Use::
     FeatureExtractor(f"runs:/{run_id}/model")  # the same network as a pipeline.inference extractor
     mlflow models serve -m runs:/RUN_ID/model --env-manager local   # POST {"inputs": images} to /invocations
 
-`predict` returns exactly what `pipeline.inference.FeatureExtractor` returns for the same uint8
-tensors: antialiased bilinear resize to the trained `data.image_size`, ImageNet normalisation, the
-eval-mode global feature after the BN neck, L2-normalised. The load-time `model_config` may set
+`predict` returns exactly what `pipeline.inference.FeatureExtractor` returns for the same images (it
+converts them with the same function, pipeline.inference.images.image_batch, so the PythonModel takes
+every form the extractor takes; the signature admits the uint8 batch): antialiased bilinear resize
+to the trained `data.image_size`, ImageNet normalisation, the eval-mode global feature after the BN
+neck, L2-normalised. The load-time `model_config` may set
 `device` (default "cpu") and `batch_size` (default 64).
 """
 from __future__ import annotations
@@ -153,7 +155,8 @@ def save_pyfunc_model(path: str | Path, weights: dict[str, torch.Tensor], config
 # The PythonModel
 # --------------------------------------------------------------------------------------------------
 class ReIDEmbeddingModel(mlflow.pyfunc.PythonModel):
-    """uint8 RGB images [N, H, W, 3] (numpy, any H and W) -> float32 L2-normalised features [N, D].
+    """uint8 RGB images [N, H, W, 3] (numpy, any H and W) -> float32 L2-normalised features [N, D];
+    called directly, any form pipeline.inference.images.image_batch takes.
 
     Holds nothing until load_context, which rebuilds the network from the weights-only file (MLflow
     creates this object from serving_model.py, never by unpickling)."""
