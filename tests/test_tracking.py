@@ -63,6 +63,23 @@ def tracking_warnings(caplog) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------
+def test_shard_set_names_and_dataset_sources():
+    from pipeline.data import shard_set_name
+    from pipeline.tracking.datasets import dataset_input, input_context
+
+    assert shard_set_name("/data/shards/market1501") == "market1501"
+    assert shard_set_name("http://host/duke/") == "duke"
+    assert shard_set_name("pipe:curl -s https://host/msmt17/{name}") == "msmt17"
+    assert shard_set_name("s3://bucket/") == "bucket" and shard_set_name("pipe:") == "shards"
+    remote = dataset_input("duke/train", "https://host/duke/", "f" * 64, {"num_classes": 2}, "training")
+    assert (remote.dataset.source_type, json.loads(remote.dataset.source)) == ("http", {"url": "https://host/duke/"})
+    assert remote.dataset.digest == "f" * 32 and input_context(remote) == "training"
+    local = dataset_input("m/query+gallery", "/data/m", "e" * 64, {}, "evaluation")
+    assert (local.dataset.source_type, json.loads(local.dataset.source)) == ("reid-shards", {"uri": "/data/m"})
+    with pytest.raises(ValueError, match="dataset context 'test'"):
+        dataset_input("m", "/data/m", "e" * 64, {}, "test")
+
+
 def test_uri_precedence(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None) == "sqlite:///mlflow.db"

@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import ConfigError, ModelConfig, config_from_dict, resolve_tracking_uri
 from pipeline.model import AlignedReID, model_from_checkpoint
 
-FORMAT = "alignedreid-pyfunc-v1"
+FORMAT = "alignedreid-pyfunc-v1"      # info.json "format" of a logged model
 MODEL_NAME = "model"               # the logged model's name: what runs:/<run_id>/model resolves to
 WEIGHTS, CONFIG, INFO = "weights", "config", "info"          # pyfunc artifact names
 FILES = {WEIGHTS: "weights.pt", CONFIG: "config.yaml", INFO: "info.json"}

@@ -33,10 +33,13 @@ A resumed training passes its run id to ``start`` and continues that run: same i
 Usage (see docs/interfaces.md)::
 
     tracker = Tracker(cfg.tracking, is_main=dist.is_main, output_dir=cfg.output_dir)
-    run_id = tracker.start(params=cfg.flat(), tags={"world_size": "2"}, run_id=resumed)
+    run_id = tracker.start(params=cfg.flat(), tags={"world_size": "2"}, run_id=resumed,
+                           run_name=default_run_name(cfg.tracking.experiment, "ddp", "w2"))
+    tracker.log_datasets(shard_set_inputs(cfg.data.shards, cfg.eval.shards))   # pipeline.data
     tracker.log_metrics({"loss/total": 1.2, "lr": 2e-4}, step=global_step)
     tracker.log_artifact("outputs/run/plots/cmc.png", artifact_path="plots")
-    tracker.log_model(eval_state_dict(model), cfg.to_dict(), num_classes)   # pipeline.serving
+    tracker.log_model(eval_state_dict(model), cfg.to_dict(), num_classes,      # pipeline.serving
+                      metrics={"eval/mAP": 0.81})                              # linked to the model
     tracker.finish("FINISHED")
 
 When the store does not answer within ``timeout_s``, ``start`` returns the resumed run id, or None
