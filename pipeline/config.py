@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,17 @@ class TrackingConfig:
     register_as: str | None = None           # also a new version of this registered model per run
     timeout_s: float = 10.0                  # bound on any single call to the tracking server
     tags: dict = field(default_factory=dict)  # extra run tags, e.g. {"mlflow.parentRunId": ID} nests the run
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """tracking.uri if set, else $MLFLOW_TRACKING_URI, else MLflow's embedded sqlite:///mlflow.db.
+
+    The rule for every reader of the store (tracker, reid-compare, FeatureExtractor for runs:/ URIs);
+    here, below them all, so none of them imports another for it."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 @dataclass

@@ -26,9 +26,11 @@ Use::
     FeatureExtractor(f"runs:/{run_id}/model")  # the same network as a pipeline.inference extractor
     mlflow models serve -m runs:/RUN_ID/model --env-manager local   # POST {"inputs": images} to /invocations
 
-`predict` returns exactly what `pipeline.inference.FeatureExtractor` returns for the same uint8
-tensors: antialiased bilinear resize to the trained `data.image_size`, ImageNet normalisation, the
-eval-mode global feature after the BN neck, L2-normalised. The load-time `model_config` may set
+`predict` returns exactly what `pipeline.inference.FeatureExtractor` returns for the same images (it
+converts them with the same function, pipeline.inference.images.image_batch, so the PythonModel takes
+every form the extractor takes; the signature admits the uint8 batch): antialiased bilinear resize
+to the trained `data.image_size`, ImageNet normalisation, the eval-mode global feature after the BN
+neck, L2-normalised. The load-time `model_config` may set
 `device` (default "cpu") and `batch_size` (default 64).
 """
 from __future__ import annotations
@@ -47,14 +49,14 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.config import ConfigError, config_from_dict
-from pipeline.checkpoint import cpu_fp32, evaluated_network, model_from_checkpoint
-from pipeline.model import AlignedReID
+from pipeline.checkpoint import cpu_fp32, evaluated_network
+from pipeline.inference import FeatureExtractor
+# The logged model's format is read in pipeline.inference.sources (inference loads logged models without
+# importing this module); these names stay importable from here.
+from pipeline.inference.sources import (CONFIG, FILES, FORMAT, INFO, MODEL_NAME, WEIGHTS, locate_model,  # noqa: F401
+                                        model_section, network_from_files, network_from_model_dir,
+                                        network_from_uri)
 
-FORMAT = "alignedreid-pyfunc-v1"
-MODEL_NAME = "model"               # the logged model's name: what runs:/<run_id>/model resolves to
-WEIGHTS, CONFIG, INFO = "weights", "config", "info"          # pyfunc artifact names
-_FILES = {WEIGHTS: "weights.pt", CONFIG: "config.yaml", INFO: "info.json"}
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _ENTRY_POINT = _PACKAGE_DIR / "serving_model.py"
 _EXAMPLE_DOWNSCALE = 8             # the input example is the trained size / 8: small, and it shows
@@ -73,182 +75,6 @@ def pip_requirements() -> list[str]:
     +cpu, which PyPI does not have), the config and image libraries, and tqdm, which `pipeline.data`
     (imported for the shared preprocessing) imports at package import."""
     return [f"torch=={torch.__version__.split('+')[0]}", "pyyaml", "numpy", "pillow", "tqdm"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading: weights + config -> network
-# --------------------------------------------------------------------------------------------------
-def _model_section(config: Any, where: str):
-    """The ModelConfig and (H, W) the config records; errors name `where`."""
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{where}: the config has no 'model' section; expected the training's resolved "
-                         f"config (Config.to_dict())")
-    size = (config.get("data") or {}).get("image_size") if isinstance(config.get("data"), dict) else None
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0
-                                                                          for s in size)):
-        raise ValueError(f"{where}: the config's data.image_size is {size!r}; expected [height, width]")
-    try:
-        model_cfg = config_from_dict({"model": config["model"]}, source=f"{where} (config)").model
-    except ConfigError as exc:
-        raise ValueError(f"{where}: the model config is not valid here: {exc}") from None
-    return model_cfg, (int(size[0]), int(size[1]))
-
-
-def network_from_files(weights: str | Path, config: str | Path, info: str | Path,
-                       source: str | None = None) -> tuple[AlignedReID, dict, tuple[int, int]]:
-    """Rebuild the network (eval mode, CPU) from the three files of a logged model.
-
-    Returns (model, info, image_size): info is info.json's content plus `path` (= `source`), `mutual`
-    (False: only the evaluated network is logged) and `model_config`, like model_from_checkpoint's."""
-    where = source or str(Path(weights).parent)
-    try:
-        meta = json.loads(Path(info).read_text())
-        cfg = yaml.safe_load(Path(config).read_text())
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ValueError(f"{where}: cannot read the model's info/config file: {exc}") from None
-    found = meta.get("format") if isinstance(meta, dict) else meta
-    if found != FORMAT:
-        raise ValueError(f"{where}: {Path(info).name} says format {found!r}; expected {FORMAT!r}")
-    model_cfg, image_size = _model_section(cfg, where)
-    num_classes = meta.get("num_classes")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{where}: {Path(info).name} has num_classes {num_classes!r}; expected an "
-                         f"integer >= 1")
-    try:
-        model, details = model_from_checkpoint(weights, model_cfg, num_classes)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-    details.update(meta, path=where, mutual=False, image_size=list(image_size))
-    return model, details, image_size
-
-
-def _artifact_files(model_dir: Path, source: str) -> dict[str, Path]:
-    """The weights/config/info files of a saved pyfunc model, from its MLmodel."""
-    mlmodel = model_dir / "MLmodel"
-    try:
-        meta = yaml.safe_load(mlmodel.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{source}: cannot read {mlmodel}: {exc}") from None
-    listed = (((meta or {}).get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}
-    missing = [name for name in _FILES if not isinstance(listed.get(name), dict)]
-    if missing:
-        flavors = sorted((meta or {}).get("flavors") or {})
-        raise ValueError(f"{source}: this MLflow model lacks the {missing} artifact(s) (flavors {flavors}, "
-                         f"pyfunc artifacts {sorted(listed)}); it was not logged by "
-                         f"pipeline.tracking.Tracker.log_model (models pickled with mlflow.pytorch by "
-                         f"earlier versions cannot be read: unpickling runs code)")
-    files = {}
-    for name in _FILES:
-        path = model_dir / listed[name]["path"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{source}: the model's {name} file {listed[name]['path']} is missing "
-                                    f"from {model_dir}")
-        files[name] = path
-    return files
-
-
-def network_from_model_dir(model_dir: str | Path, source: str | None = None
-                           ) -> tuple[AlignedReID, dict, tuple[int, int]]:
-    """Rebuild the network from a local copy of a logged model (the directory with MLmodel)."""
-    model_dir = Path(model_dir)
-    files = _artifact_files(model_dir, source or str(model_dir))
-    return network_from_files(files[WEIGHTS], files[CONFIG], files[INFO], source or str(model_dir))
-
-
-def _join(location: str, rest: str | None) -> str:
-    return f"{location.rstrip('/')}/{rest}" if rest else location
-
-
-def locate_model(uri: str, client) -> str:
-    """The plain artifact URI (file://..., mlflow-artifacts:/..., s3://...) of the model that `uri`
-    names, resolved with `client` (an MlflowClient for the store to ask).
-
-    runs:/<run_id>/<name>[/sub] is the logged model called <name> whose source run is <run_id> (the
-    newest, as MLflow 3 resolves it), else the run's own artifacts at that path; models:/NAME/VERSION,
-    models:/NAME@alias and models:/<model_id> come from the registry / logged model. Done here
-    because MLflow 3.17 resolves runs:/ logged models and models:/ URIs through the process-wide
-    tracking URI whatever tracking_uri its download functions are given (and so can silently create
-    ./mlflow.db). The URIs are parsed here too: MLflow's parsers are private modules."""
-    scheme, _, path = uri.partition(":/")
-    path = path.lstrip("/")
-    if scheme == "runs":
-        run_id, _, path = path.partition("/")
-        run = client.get_run(run_id)
-        name, _, rest = path.partition("/")
-        token = None
-        while name:
-            page = client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{name}'",
-                                               page_token=token)
-            for model in page:
-                if model.source_run_id == run_id:
-                    return _join(model.artifact_location, rest)
-            if not page.token:
-                break
-            token = page.token
-        return _join(run.info.artifact_uri, path)
-    if scheme == "models":
-        return _locate_registered(path, client)
-    return uri
-
-
-_STAGES = ("none", "staging", "production", "archived")
-
-
-def _locate_registered(path: str, client) -> str:
-    """models:/<model_id>[/sub], models:/NAME@ALIAS[/sub], models:/NAME/VERSION|latest|STAGE[/sub]."""
-    parts = path.split("/")
-    first, second = parts[0], (parts[1] if len(parts) > 1 else None)
-    if "@" in first:
-        name, _, alias = first.partition("@")
-        version = client.get_model_version_by_alias(name, alias).version
-        return _join(client.get_model_version_download_uri(name, version), "/".join(parts[1:]))
-    names_a_version = second is not None and (second.isdigit() or second.lower() in ("latest", *_STAGES))
-    if not names_a_version:   # a logged model's id (m-...)
-        return _join(client.get_logged_model(first).artifact_location, "/".join(parts[1:]))
-    if second.isdigit():
-        version = second
-    elif second.lower() == "latest":
-        versions = client.search_model_versions(f"name = '{first}'")
-        if not versions:
-            raise FileNotFoundError(f"models:/{path}: the registered model {first!r} has no version")
-        version = str(max(int(v.version) for v in versions))
-    else:
-        found = client.get_latest_versions(first, [second])
-        if not found:
-            raise FileNotFoundError(f"models:/{path}: no version of {first!r} in stage {second!r}")
-        version = found[0].version
-    return _join(client.get_model_version_download_uri(first, version), "/".join(parts[2:]))
-
-
-def network_from_uri(uri: str, tracking_uri: str | None = None) -> tuple[AlignedReID, dict, tuple[int, int]]:
-    """Download a logged model (`runs:/<run_id>/model`, `models:/NAME/VERSION`, `models:/NAME@alias`,
-    `models:/<model_id>`, or a plain artifact URI) to a temporary directory and rebuild the network.
-
-    tracking_uri: the store to ask; default tracking.uri's rule ($MLFLOW_TRACKING_URI, else
-    sqlite:///mlflow.db). The model registry is $MLFLOW_REGISTRY_URI, else the same store."""
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import resolve_tracking_uri
-
-    tracking_uri = resolve_tracking_uri(tracking_uri)
-    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-    with tempfile.TemporaryDirectory(prefix="alignedreid-model-") as tmp:
-        try:
-            location = locate_model(uri, client)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                        tracking_uri=tracking_uri)
-        except MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-                raise FileNotFoundError(f"{uri}: no such model in MLflow at {tracking_uri} "
-                                        f"({exc.message})") from None
-            raise
-        if not (Path(local) / "MLmodel").is_file():
-            raise FileNotFoundError(f"{uri}: what MLflow at {tracking_uri} holds there is not an MLflow "
-                                    f"model (no MLmodel file); log one with Tracker.log_model")
-        return network_from_model_dir(local, source=uri)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,11 +115,11 @@ def save_pyfunc_model(path: str | Path, weights: dict[str, torch.Tensor], config
                         "network (pipeline.serving.eval_state_dict(model)), not a module")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"save_pyfunc_model: num_classes is {num_classes!r}; expected an integer >= 1")
-    _model_section(config, "save_pyfunc_model")
+    model_section(config, "save_pyfunc_model")
     plain = {k: v.detach().to(device="cpu", dtype=torch.float32 if v.is_floating_point() else v.dtype)
              .contiguous().clone() for k, v in weights.items()}
     with tempfile.TemporaryDirectory(prefix="alignedreid-pyfunc-") as tmp:
-        files = {name: Path(tmp) / filename for name, filename in _FILES.items()}
+        files = {name: Path(tmp) / filename for name, filename in FILES.items()}
         torch.save(plain, files[WEIGHTS])
         try:
             files[CONFIG].write_text(yaml.safe_dump(config, sort_keys=False))
@@ -329,7 +155,8 @@ def save_pyfunc_model(path: str | Path, weights: dict[str, torch.Tensor], config
 # The PythonModel
 # --------------------------------------------------------------------------------------------------
 class ReIDEmbeddingModel(mlflow.pyfunc.PythonModel):
-    """uint8 RGB images [N, H, W, 3] (numpy, any H and W) -> float32 L2-normalised features [N, D].
+    """uint8 RGB images [N, H, W, 3] (numpy, any H and W) -> float32 L2-normalised features [N, D];
+    called directly, any form pipeline.inference.images.image_batch takes.
 
     Holds nothing until load_context, which rebuilds the network from the weights-only file (MLflow
     creates this object from serving_model.py, never by unpickling)."""
@@ -338,8 +165,6 @@ class ReIDEmbeddingModel(mlflow.pyfunc.PythonModel):
         self.extractor = None
 
     def load_context(self, context) -> None:
-        from pipeline.inference import FeatureExtractor
-
         settings = dict(context.model_config or {})
         model, info, image_size = network_from_files(context.artifacts[WEIGHTS], context.artifacts[CONFIG],
                                                      context.artifacts[INFO])
@@ -354,12 +179,8 @@ class ReIDEmbeddingModel(mlflow.pyfunc.PythonModel):
         if self.extractor is None:
             raise RuntimeError("ReIDEmbeddingModel.predict before load_context: load the model with "
                                "mlflow.pyfunc.load_model")
-        images = np.asarray(model_input)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected RGB images as an array [N, H, W, 3], got shape {images.shape}")
-        if images.dtype != np.uint8:
-            raise ValueError(f"expected uint8 pixel values (0..255), got dtype {images.dtype}")
-        if images.shape[0] == 0:
+        # The one conversion FeatureExtractor uses (pipeline.inference.images.image_batch): uint8
+        # [N, H, W, 3] as the signature says, and every other form the extractor takes.
+        if isinstance(model_input, np.ndarray) and model_input.ndim == 4 and model_input.shape[0] == 0:
             return np.zeros((0, self.extractor.info["feature_dim"]), dtype=np.float32)
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        return self.extractor(batch).numpy()
+        return self.extractor(model_input).numpy()

@@ -242,6 +242,40 @@ def ok(proc: subprocess.CompletedProcess) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
+def test_test_metrics_are_linked_to_the_childs_logged_model(tmp_path):
+    """With tracking.log_model=true a child run has a logged model (and every tracked training has
+    an evaluation dataset input): its test metrics are then that model's metrics, on that dataset.
+    A real store; the run, input and model are made with the client as the trainer's tracker makes
+    them (no training needed)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+
+    from pipeline.ablation.tracking import AblationTracking
+    from pipeline.tracking.datasets import dataset_input
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("abl")
+    child = client.create_run(experiment_id, run_name="aligned seed0").info.run_id
+    profile = {"source_format": "market1501", "num_classes": 3, "splits": {}}
+    client.log_inputs(child, [dataset_input("tiny/query+gallery", "/data/tiny", "ab" * 32, profile, "evaluation")])
+    model = client.create_logged_model(experiment_id, name="model", source_run_id=child)
+    client.log_outputs(child, [LoggedModelOutput(model.model_id, step=4)])
+    bare = client.create_run(experiment_id, run_name="global seed0").info.run_id     # no model, no input
+
+    tracking = AblationTracking(uri, "abl")
+    tests = {"global": {"rank1": 0.5, "rank5": 0.7, "mAP": 0.25, "mINP": 0.125}}
+    tracking.log_child(child, {"ablation.variant": "aligned"}, tests)
+    tracking.log_child(bare, {"ablation.variant": "global"}, tests)
+    linked = {m.key: m for m in client.get_logged_model(model.model_id).metrics}
+    assert {k: m.value for k, m in linked.items()} == {"test/global/rank1": 0.5, "test/global/rank5": 0.7,
+                                                       "test/global/mAP": 0.25, "test/global/mINP": 0.125}
+    assert {(m.dataset_name, m.dataset_digest) for m in linked.values()} == {("tiny/query+gallery", "ab" * 16)}
+    assert client.get_run(child).data.metrics["test/global/mAP"] == 0.25
+    assert client.get_run(bare).data.metrics["test/global/mAP"] == 0.25
+    assert not tracking._warned
+
+
 def test_ablation_end_to_end(tiny_shards, tmp_path):
     from mlflow import MlflowClient
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.checkpoint import (CheckpointError, CheckpointManager, checkpoint_name, evaluated_state_dict,
-                                 load_checkpoint_file, model_from_checkpoint, read_checkpoint,
-                                 resolve_checkpoint)
+                                 load_checkpoint_file, read_checkpoint, resolve_checkpoint)
+from pipeline.model import model_from_checkpoint
 
 
 def _state(step, size=16):

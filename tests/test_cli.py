@@ -91,6 +91,37 @@ def test_missing_deepspeed_is_a_config_error_naming_the_install(monkeypatch):
     check_machine(load_config("market1501"), cuda_available=True)
 
 
+def without(packages: list[str], module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`module`'s main(args) in a fresh interpreter where `packages` are absent: sys.modules[name] =
+    None makes `import name` raise ModuleNotFoundError and importlib.util.find_spec(name) return None,
+    as when the package is not installed (nothing of the code under test is replaced)."""
+    code = (f"import sys\nfor name in {packages!r}:\n    sys.modules[name] = None\n"
+            f"from {module} import main\nsys.exit(main({args!r}))\n")
+    return subprocess.run([PY, "-c", code], cwd=cwd, env=_env(PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=150)
+
+
+@pytest.mark.timeout(160)
+def test_export_without_its_extra_says_which_extra_to_install(tmp_path):
+    proc = without(["onnxscript"], "pipeline.cli.export",
+                   ["--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "m.onnx")], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ModuleNotFoundError" not in proc.stderr
+    assert "export error: ONNX export needs onnxscript" in proc.stderr
+    assert "pip install 'alignedreid-pipeline[export]'" in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.timeout(160)
+def test_deepspeed_engine_without_deepspeed_says_how_to_install_it(tmp_path):
+    proc = without(["deepspeed"], "pipeline.cli.train",
+                   ["--config", "test", "engine.backend=deepspeed", f"output_dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "config error: 'engine.backend' is deepspeed, which is not installed" in proc.stderr
+    assert "'alignedreid-pipeline[deepspeed]'" in proc.stderr
+
+
 @pytest.mark.timeout(180)
 def test_training_logs_the_pretrained_report_on_stderr(tiny_shards, tmp_path):
     """Logging is configured by the entry point: the pretrained-weights INFO report reaches stderr,

@@ -1,5 +1,5 @@
 """launch/compare.py on a real embedded MLflow store: the table shows only the params that differ,
-sorted by the metric, with final metrics and throughput; the PNGs and CSV are written; bad
+sorted by the metric, with the training data's digest, final metrics and throughput; the PNGs and CSV are written; bad
 experiment / filter / metric names give errors that say what exists."""
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ EXPERIMENT = "compare"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Two finished runs that differ only in model.backbone (resnet18 scores higher)."""
+    """Two finished runs that differ only in model.backbone (resnet18 scores higher); resnet50 trained
+    on one shard set (digest aaaa...), resnet18 on two (bbbb..., cccc...)."""
     root = tmp_path_factory.mktemp("compare-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
@@ -35,6 +36,11 @@ def store(tmp_path_factory):
             tracker = Tracker(TrackingConfig(uri=uri, experiment=EXPERIMENT, run_name=f"run-{backbone}",
                                              timeout_s=60), is_main=True, output_dir=root / backbone)
             tracker.start(cfg.flat(), {"world_size": "2"})
+            sets = ["a"] if backbone == "resnet50" else ["b", "c"]
+            tracker.log_datasets([{"name": f"set-{x}/train", "location": f"/data/{x}", "manifest_sha256": x * 64,
+                                   "profile": {"splits": {}}, "context": "training"} for x in sets]
+                                 + [{"name": f"set-{sets[0]}/query+gallery", "location": f"/data/{sets[0]}",
+                                     "manifest_sha256": sets[0] * 64, "profile": {}, "context": "evaluation"}])
             for step in range(1, 6):
                 tracker.log_metrics({"loss/total": 2.0 / step, "loss/id": 1.0 / step,
                                      "throughput/images_per_s": speed + step}, step=step)
@@ -54,11 +60,13 @@ def test_cli_table_and_plots(store, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     header = lines[1].split()
-    assert header == ["run", "run_id", "status", "model.backbone", "rank1", "rank5", "mAP", "mINP", "images/s"]
+    assert header == ["run", "run_id", "status", "data", "model.backbone", "rank1", "rank5", "mAP", "mINP",
+                      "images/s"]
     first, second = lines[3].split(), lines[4].split()
     assert first[0] == "run-resnet18" and second[0] == "run-resnet50"        # best mAP first
-    assert first[3] == "resnet18" and first[6] == "0.7200" and first[8] == "403.0"   # mean of 401..405
-    assert second[5] == "0.8600"
+    assert first[3] == "b" * 12 + "+" + "c" * 12 and second[3] == "a" * 12   # the training inputs only
+    assert first[4] == "resnet18" and first[7] == "0.7200" and first[9] == "403.0"   # mean of 401..405
+    assert second[6] == "0.8600"
 
     with open(out / "runs.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -74,7 +82,13 @@ def test_filter_and_errors(store, tmp_path):
     one = compare_runs(EXPERIMENT, filter_string="params.model.backbone = 'resnet50'", tracking_uri=store)
     assert [r.info.run_name for r in one.runs] == ["run-resnet50"] and one.differing_params == []
     loss = compare_runs(EXPERIMENT, metric="loss/total", tracking_uri=store)
-    assert loss.metric_key == "loss/total" and loss.columns[4] == "loss/total"
+    assert loss.metric_key == "loss/total" and loss.columns[5] == "loss/total"
+    # Runs on given data, by the digest the table shows (README: searching runs by dataset digest).
+    on_c = compare_runs(EXPERIMENT, filter_string=f"dataset.digest LIKE '{'c' * 12}%'", tracking_uri=store)
+    assert [r.info.run_name for r in on_c.runs] == ["run-resnet18"]
+    on_a = compare_runs(EXPERIMENT, filter_string=f"dataset.digest = '{'a' * 32}' AND dataset.context = 'training'",
+                        tracking_uri=store)
+    assert [r.info.run_name for r in on_a.runs] == ["run-resnet50"]
 
     with pytest.raises(ValueError, match=r"experiment 'nope' not found.*'compare'"):
         compare_runs("nope", tracking_uri=store)

@@ -66,11 +66,16 @@ def test_input_forms_agree_and_features_are_normalised(extractor, tmp_path):
     from_paths = extractor(paths)
     assert from_paths.shape == (3, 512)
     torch.testing.assert_close(from_paths.norm(dim=1), torch.ones(3))
+    # Every form image_batch takes (the served model's predict takes the same, tests/test_serving.py):
+    # paths, PIL images, H x W x 3 arrays (uint8 or float), 3 x H x W tensors, batches of either.
     for other in (extractor([str(p) for p in paths]), extractor([Image.fromarray(a) for a in arrays]),
-                  extractor(chw), extractor(torch.stack(chw)),
-                  extractor(torch.stack(chw).float() / 255)):
+                  extractor(arrays), extractor(np.stack(arrays)), extractor([a / 255.0 for a in arrays]),
+                  extractor(chw), extractor(torch.stack(chw)), extractor(tuple(chw)),
+                  extractor(torch.stack(chw).float() / 255), extractor([c.numpy() for c in chw])):
         torch.testing.assert_close(other, from_paths, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(extractor(paths[1]), from_paths[1:2])
+    for one in (paths[1], str(paths[1]), Image.fromarray(arrays[1]), arrays[1], chw[1]):
+        torch.testing.assert_close(extractor(one), from_paths[1:2], atol=1e-5, rtol=1e-5)
+    assert extractor(np.zeros((0, *IMAGE_SIZE, 3), dtype=np.uint8)).shape == (0, 512)
     # Distinct images give distinct features (the network is really run).
     assert float((from_paths[0] - from_paths[1]).abs().max()) > 1e-3
 
@@ -95,8 +100,16 @@ def test_bad_inputs_are_named(extractor, tmp_path):
         extractor([torch.zeros(3, 8, 4, dtype=torch.uint8), bad])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         extractor(torch.full((3, 8, 4), 7.0))
-    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+    with pytest.raises(ValueError, match=r"H x W x 3 \(numpy\) or 3 x H x W \(tensor\)"):
         extractor(torch.zeros(8, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"image 0: .* got shape \(8, 4, 2\)"):
+        extractor(np.zeros((8, 4, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match="pixel dtype torch.int32"):
+        extractor(np.zeros((8, 4, 3), dtype=np.int32))
+    with pytest.raises(TypeError, match="got a dict; expected a file path, a PIL image"):
+        extractor({"a": 1})
+    with pytest.raises(ValueError, match="no images given"):
+        extractor([])
 
 
 def export_cli(args: list[str]) -> tuple[int, str, str]:

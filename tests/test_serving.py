@@ -153,6 +153,21 @@ def test_pyfunc_predict_equals_feature_extractor_and_network(logged, tracking_en
     with pytest.raises(Exception, match="uint8"):
         loaded.predict(other.astype(np.float32))
 
+    # The PythonModel behind the signature converts with FeatureExtractor's one function
+    # (pipeline.inference.images.image_batch): every form the extractor takes, the same features.
+    python_model = loaded.unwrap_python_model()
+    paths = []
+    for i, array in enumerate(batch[:2]):
+        paths.append(logged.tmp / f"predict-{i}.png")
+        Image.fromarray(array).save(paths[-1])
+    expected = served[:2]
+    for form in (batch[:2], list(batch[:2]), batch[0], [Image.fromarray(a) for a in batch[:2]], paths,
+                 torch.from_numpy(batch[:2]).permute(0, 3, 1, 2), [torch.from_numpy(a).permute(2, 0, 1)
+                                                                   for a in batch[:2]]):
+        got = python_model.predict(None, form)
+        np.testing.assert_allclose(got, expected[:len(got)], atol=1e-5)
+        np.testing.assert_allclose(extractor(form).numpy(), got, atol=1e-6)
+
 
 def test_saved_model_holds_no_pickle(logged, tracking_env):
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{logged.run_id}/model",

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,7 +26,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.config import Config, TrackingConfig
-from pipeline.tracking import Tracker, clean_key, clip_value, resolve_tracking_uri, unflatten
+from pipeline.tracking import Tracker, clean_key, clip_value, default_run_name, resolve_tracking_uri, unflatten
 from gloo_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,23 @@ def tracking_warnings(caplog) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------
+def test_shard_set_names_and_dataset_sources():
+    from pipeline.data import shard_set_name
+    from pipeline.tracking.datasets import dataset_input, input_context
+
+    assert shard_set_name("/data/shards/market1501") == "market1501"
+    assert shard_set_name("http://host/duke/") == "duke"
+    assert shard_set_name("pipe:curl -s https://host/msmt17/{name}") == "msmt17"
+    assert shard_set_name("s3://bucket/") == "bucket" and shard_set_name("pipe:") == "shards"
+    remote = dataset_input("duke/train", "https://host/duke/", "f" * 64, {"num_classes": 2}, "training")
+    assert (remote.dataset.source_type, json.loads(remote.dataset.source)) == ("http", {"url": "https://host/duke/"})
+    assert remote.dataset.digest == "f" * 32 and input_context(remote) == "training"
+    local = dataset_input("m/query+gallery", "/data/m", "e" * 64, {}, "evaluation")
+    assert (local.dataset.source_type, json.loads(local.dataset.source)) == ("reid-shards", {"uri": "/data/m"})
+    with pytest.raises(ValueError, match="dataset context 'test'"):
+        dataset_input("m", "/data/m", "e" * 64, {}, "test")
+
+
 def test_uri_precedence(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None) == "sqlite:///mlflow.db"
@@ -285,6 +304,36 @@ def test_model_and_system_metrics(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = torch.nn.functional.normalize(model(normalize(x)), dim=1)
     torch.testing.assert_close(FeatureExtractor(f"runs:/{run_id}/model", tracking_uri=uri)(x), expected)
+
+
+@pytest.mark.timeout(90)
+def test_unnamed_runs_get_distinct_names_with_random_seeded_alike(tmp_path):
+    """The trainer seeds `random`, from which MLflow draws its generated run names: two runs opened
+    after the same seed would be named alike. Ours say what they are and differ."""
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("names")
+    mlflow_names = []
+    for _ in range(2):
+        random.seed(0)
+        mlflow_names.append(client.create_run(experiment_id).info.run_name)
+    assert mlflow_names[0] == mlflow_names[1]                 # why the tracker names runs itself
+    names = []
+    for i, given in enumerate((None, None, default_run_name("names", "ddp", "w2"))):
+        random.seed(0)
+        tracker = Tracker(TrackingConfig(uri=uri, experiment="names", timeout_s=30), is_main=True,
+                          output_dir=tmp_path / f"out{i}")
+        run_id = tracker.start({"a": 1}, {}, run_name=given)
+        tracker.finish("FINISHED")
+        names.append(client.get_run(run_id).info.run_name)
+    assert len(set(names)) == 3, names
+    assert all(re.fullmatch(r"names-\d{8}-\d{6}-[0-9a-f]{4}", n) for n in names[:2]), names
+    assert re.fullmatch(r"names-ddp-w2-\d{8}-\d{6}-[0-9a-f]{4}", names[2]), names[2]
+    named = Tracker(TrackingConfig(uri=uri, experiment="names", run_name="mine", timeout_s=30), is_main=True,
+                    output_dir=tmp_path / "named")
+    run_id = named.start({"a": 1}, {}, run_name=default_run_name("ignored"))   # tracking.run_name wins
+    named.finish("FINISHED")
+    assert client.get_run(run_id).info.run_name == "mine"
 
 
 def test_off_main_rank_and_disabled_do_nothing(tmp_path):

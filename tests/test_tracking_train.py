@@ -1,16 +1,19 @@
 """MLflow tracking of a real training: launch/train.py under torchrun, 2 gloo processes, tiny shards.
 
 - with an embedded store: exactly one run, with the resolved config as params and config.yaml,
-  per-step losses / lr / throughput, final rank1 / mAP / mINP, evaluation plots, FINISHED, and the
+  per-step losses / lr / throughput, final rank1 / mAP / mINP, evaluation plots, FINISHED, the shard
+  set as dataset inputs (training and evaluation: name, manifest digest, location, profile), and the
   trained network as the run's MLflow 3 logged model (`runs:/<run_id>/model`, the final checkpoint's
-  weights);
-- pointed at a closed port: the training finishes all the same, warns once, and the complete run is
-  in the fallback store afterwards.
+  weights) with the final evaluation's metrics linked to it;
+- pointed at a closed port: the training finishes all the same, warns once, and the complete run
+  (inputs and linked metrics included) is in the fallback store afterwards; without tracking.run_name
+  the run is named <experiment>-<engine>-w<world>-<time>-<hex>.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,7 +24,9 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
+from pipeline.data import load_manifest, manifest_sha256
 from pipeline.inference import FeatureExtractor
+from pipeline.tracking.datasets import input_context
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +60,7 @@ def all_artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]
     return found
 
 
-def check_run(client: MlflowClient, uri: str, run, out: Path) -> None:
+def check_run(client: MlflowClient, uri: str, run, out: Path, shards: Path) -> None:
     """What every tracked training must leave in its run (in the store at `uri`)."""
     config = run.data.params
     assert run.info.status == "FINISHED"
@@ -81,6 +86,35 @@ def check_run(client: MlflowClient, uri: str, run, out: Path) -> None:
     logged = FeatureExtractor(f"runs:/{run.info.run_id}/model", tracking_uri=uri)
     images = torch.rand(3, 3, 64, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logged(images), FeatureExtractor(out / "checkpoints")(images))
+    check_data_and_model_metrics(client, run, model.model_id, shards, summary)
+
+
+def check_data_and_model_metrics(client: MlflowClient, run, model_id: str, shards: Path, summary: dict) -> None:
+    """The shard set is the run's dataset input twice (train split: training; query+gallery:
+    evaluation); the final evaluation's metrics are linked to the logged model and to that input."""
+    digest = manifest_sha256(shards)[:32]
+    inputs = {input_context(i): i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["evaluation", "training"]
+    manifest = load_manifest(shards)
+    for context, part in (("training", "train"), ("evaluation", "query+gallery")):
+        dataset = inputs[context]
+        assert dataset.name == f"{shards.name}/{part}"
+        assert dataset.digest == digest and dataset.source_type == "reid-shards"
+        assert json.loads(dataset.source) == {"uri": str(shards)}
+        profile = json.loads(dataset.profile)
+        assert profile["num_classes"] == manifest["num_classes"] == 12
+        assert profile["splits"]["train"] == {k: manifest["splits"]["train"][k]
+                                              for k in ("images", "identities", "cameras")}
+        assert profile["splits"]["query"]["identities"] == 8
+    found = client.search_runs([run.info.experiment_id], filter_string=f"dataset.digest = '{digest}'")
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+    linked = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    assert sorted(linked) == ["eval/mAP", "eval/mINP", "eval/rank1"]
+    for key, metric in linked.items():
+        assert metric.value == pytest.approx(summary[key.split("/")[1]])
+        assert (metric.dataset_name, metric.dataset_digest) == (f"{shards.name}/query+gallery", digest)
+        # the run's own point, linked: no second point in the run's history
+        assert len(client.get_metric_history(run.info.run_id, key)) == 1
 
 
 @pytest.mark.timeout(240)
@@ -94,7 +128,7 @@ def test_training_records_one_run(tiny_shards, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_name == "tiny"
-    check_run(client, uri, run, out)
+    check_run(client, uri, run, out, tiny_shards)
     assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == run.info.run_id
     assert not (out / "tracking/fallback.db").exists()
 
@@ -111,4 +145,5 @@ def test_training_with_a_dead_server_finishes_and_falls_back(tiny_shards, tmp_pa
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1
     assert runs[0].data.tags["primary_tracking_uri"] == dead
-    check_run(client, fallback, runs[0], out)
+    assert re.fullmatch(r"test-ddp-w2-\d{8}-\d{6}-[0-9a-f]{4}", runs[0].info.run_name), runs[0].info.run_name
+    check_run(client, fallback, runs[0], out, tiny_shards)

@@ -66,16 +66,21 @@ class AblationTracking:
 
     def log_child(self, run_id: str | None, tags: dict[str, str], tests: dict[str, dict]) -> None:
         """Tag a training run as a child (again: also when it was created before this parent) and
-        log its test metrics as test/<test>/<metric> (only those not already there)."""
+        log its test metrics as test/<test>/<metric> (only those not already there), linked to the
+        run's logged model (the network the tests measured: MLflow 3 model metrics) and to its
+        evaluation dataset input when the run has them."""
         if not run_id:
             return
         from mlflow.entities import Metric, RunTag
 
         def send():
-            existing = self.client.get_run(run_id).data.metrics
+            run = self.client.get_run(run_id)
+            existing = run.data.metrics
+            model_id, dataset = _measured(run)
             now = int(time.time() * 1000)
-            metrics = [Metric(f"test/{key}/{m}", float(r[m]), now, 0) for key, r in tests.items()
-                       for m in ("rank1", "rank5", "mAP", "mINP")
+            metrics = [Metric(f"test/{key}/{m}", float(r[m]), now, 0, model_id=model_id,
+                              dataset_name=dataset[0], dataset_digest=dataset[1])
+                       for key, r in tests.items() for m in ("rank1", "rank5", "mAP", "mINP")
                        if existing.get(f"test/{key}/{m}") != float(r[m])]
             self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
 
@@ -97,6 +102,17 @@ class AblationTracking:
     def finish(self, status: str) -> None:
         if self.parent_id:
             self._safe("ending the parent run", lambda: self.client.set_terminated(self.parent_id, status))
+
+
+def _measured(run) -> tuple[str | None, tuple[str | None, str | None]]:
+    """The run's logged model (its newest model output) and its evaluation dataset input (name,
+    digest); None where the run has none (tracking.log_model=false, an older run)."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    model_id = max(outputs, key=lambda o: o.step).model_id if outputs else None
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    evaluated = [i.dataset for i in inputs if any(t.key == "mlflow.data.context" and t.value == "evaluation"
+                                                  for t in i.tags)]
+    return model_id, ((evaluated[0].name, evaluated[0].digest) if evaluated else (None, None))
 
 
 def parent_metrics(report: dict) -> dict[str, float]:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline import distributed as D
-    from pipeline.checkpoint import model_from_checkpoint
+    from pipeline.model import model_from_checkpoint
     from pipeline.data import eval_source
     from pipeline.evaluation import evaluate
 

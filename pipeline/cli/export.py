@@ -6,7 +6,8 @@
 The graph takes `images` [N, 3, H, W] (float32, RGB, ImageNet-normalised: see
 pipeline.inference.FeatureExtractor.preprocess) and returns `features` [N, D], L2-normalised; N is
 dynamic. After writing, the file is run with ONNX Runtime on a random batch of 3 and compared with
-PyTorch (--no-verify skips this).
+PyTorch (--no-verify skips this). It needs the `export` extra (onnx, onnxscript, onnxruntime):
+`pip install 'alignedreid-pipeline[export]'`; without it the command says so and exits with status 2.
 """
 from __future__ import annotations
 
@@ -37,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.inference import FeatureExtractor, export_onnx
+    from pipeline.inference import FeatureExtractor, MissingExtraError, export_onnx, require_export_extra
 
+    try:
+        require_export_extra(verify=args.verify)
+    except MissingExtraError as exc:
+        print(f"export error: {exc}", file=sys.stderr)
+        return 2
     try:
         out = export_onnx(args.checkpoint, args.out, image_size=args.image_size, opset=args.opset)
     except (FileNotFoundError, ValueError) as exc:

@@ -41,6 +41,38 @@ def shard_set_tags(shards) -> dict[str, str]:
             "dataset_format": "+".join(str(m.get("source_format", "unknown")) for m in load_manifests(sets))}
 
 
+def shard_set_name(location) -> str:
+    """A short name for a shard set: the last folder of its location (`/data/shards/market1501` ->
+    market1501; for a `pipe:` command, of its last word), without {...} patterns."""
+    text = str(location).removeprefix("pipe:").split()
+    parts = [p for p in (text[-1] if text else "").split("/") if p and "{" not in p and not p.endswith(":")]
+    return parts[-1] if parts else "shards"
+
+
+def shard_set_inputs(shards, eval_choice=None) -> list[dict]:
+    """The training's data, described for MLflow's dataset inputs (pipeline.tracking.datasets): one
+    entry per shard set of `shards` (data.shards) with context "training" (its train split), and one
+    with context "evaluation" for the set `eval_choice` (eval.shards) selects (query + gallery). Each:
+    name, location, manifest_sha256, profile (source_format, num_classes, per split images /
+    identities / cameras), context."""
+    eval_source(shards, eval_choice)                         # a bad eval.shards index raises here
+    sets = _sets(shards)
+    chosen = 0 if eval_choice is None else eval_choice
+    evaluated = sets[chosen] if isinstance(chosen, int) and not isinstance(chosen, bool) else chosen
+    out = []
+    for location, context, part in [(s, "training", "train") for s in sets] + \
+                                   [(evaluated, "evaluation", "query+gallery")]:
+        manifest = load_manifest(location)
+        splits = {name: {k: int(v) for k, v in split.items() if k in ("images", "identities", "cameras")}
+                  for name, split in manifest["splits"].items()}
+        out.append({"name": f"{shard_set_name(location)}/{part}", "location": str(location),
+                    "manifest_sha256": manifest_sha256(location), "context": context,
+                    "profile": {"source_format": str(manifest.get("source_format", "unknown")),
+                                "num_classes": int(manifest["num_classes"]), "splits": splits}})
+    return out
+
+
 __all__ = ["datasets", "shards", "synthetic", "transforms", "ShardError", "ShardSource", "DecodeCache",
-           "TrainSets", "load_manifest", "load_manifests", "shard_set_tags", "manifest_sha256", "epoch_steps",
+           "TrainSets", "load_manifest", "load_manifests", "shard_set_inputs", "shard_set_name", "shard_set_tags",
+           "manifest_sha256", "epoch_steps",
            "train_batches", "eval_batches", "eval_source", "read_images", "release_caches"]

@@ -32,11 +32,12 @@ from .. import distributed as D
 from ..checkpoint import (CheckpointError, CheckpointManager, checkpoint_name, evaluated_network,
                           evaluated_state_dict, load_checkpoint_file)
 from ..config import Config, dump_config, flatten
-from ..data import TrainSets, epoch_steps, eval_source, load_manifests, shard_set_tags, train_batches
+from ..data import (TrainSets, epoch_steps, eval_source, load_manifests, shard_set_inputs, shard_set_tags,
+                    train_batches)
 from ..data.transforms import TrainAugment
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model, fetch_pretrained_once_per_node
-from ..tracking import Tracker
+from ..tracking import Tracker, default_run_name
 from .backend import build_backend
 from .preemption import Preempted, PreemptionSignals, clear_marker, write_marker
 from .reporting import Reporter
@@ -76,6 +77,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.signals = PreemptionSignals()
         self.last_metrics: dict[str, float] = {}
+        self.last_metrics_step: int | None = None      # the global step last_metrics measured
         self.corrupt_images = 0
         self._forward_dtype: str | None = None
         self._fp32_eval_net: torch.nn.Module | None = None
@@ -86,7 +88,13 @@ class Trainer:
         if cfg.checkpoint.resume:
             self._resume()
         self.batches(self.state.epoch, self.state.step_in_epoch)  # data.decode_cache: allocated (or refused) now
-        run_id = self.tracker.start(params=cfg.flat(), tags=self._tags(), run_id=self.state.mlflow_run_id)
+        # Unset tracking.run_name: "<experiment>-<engine>-w<world>-<time>-<hex>", not MLflow's generated
+        # name, which comes from the `random` this process seeds (every run would be named alike).
+        run_id = self.tracker.start(params=cfg.flat(), tags=self._tags(), run_id=self.state.mlflow_run_id,
+                                    run_name=default_run_name(cfg.tracking.experiment, self.backend.name,
+                                                              f"w{dist_info.world_size}"))
+        if self.tracker.active:    # rank 0: the data as MLflow dataset inputs (one per shard set)
+            self.tracker.log_datasets(shard_set_inputs(cfg.data.shards, cfg.eval.shards))
         self.state.mlflow_run_id = D.broadcast_object(run_id)
 
     def _build_network(self) -> torch.nn.Module:
@@ -271,6 +279,7 @@ class Trainer:
         metrics = {f"eval/{k}": float(result[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
         if tag is None:
             self.last_metrics = {k.split("/")[1]: v for k, v in metrics.items()}
+            self.last_metrics_step = self.state.global_step
         if self.dist.is_main:
             for path in result.get("artifacts", []):
                 self.tracker.log_artifact(path, artifact_path=f"eval/{out_dir.name}")
@@ -357,8 +366,14 @@ class Trainer:
             clear_marker(self.out)
             self.report.write_summary(summary)
             if weights is not None:
-                self.tracker.log_model(weights, self.cfg.to_dict(), self.num_classes)
+                # The final evaluation measured these weights: its metrics are linked to the model.
+                final = self.last_metrics if self.last_metrics_step == s.global_step else {}
+                self.tracker.log_model(weights, self.cfg.to_dict(), self.num_classes,
+                                       metrics={f"eval/{k}": final[k] for k in LINKED_METRICS if k in final})
         return summary
+
+
+LINKED_METRICS = ("rank1", "mAP", "mINP")    # the final evaluation's metrics linked to the logged model
 
 
 def _to_float(outputs):

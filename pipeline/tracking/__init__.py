@@ -4,7 +4,8 @@ compared afterwards.
     tracker.py      Tracker: the calling side (never blocks) and the worker thread that talks to MLflow
     store.py        the MLflow calls: open/continue a run, params, artifacts, the logged model, registry
     fallback.py     the whole run into a local sqlite store when the tracking store could not take it
-    names.py        keys and values MLflow accepts, MLflow's limits, the tracking URI rule
+    names.py        keys and values MLflow accepts, MLflow's limits, default run names
+    datasets.py     the training's shard sets as MLflow dataset inputs (mlflow.data)
     environment.py  tags: versions, host, git commit
     system.py       system metrics (psutil, nvidia-ml-py)
     compare.py      compare the runs of an experiment (reid-compare)
@@ -32,10 +33,13 @@ A resumed training passes its run id to ``start`` and continues that run: same i
 Usage (see docs/interfaces.md)::
 
     tracker = Tracker(cfg.tracking, is_main=dist.is_main, output_dir=cfg.output_dir)
-    run_id = tracker.start(params=cfg.flat(), tags={"world_size": "2"}, run_id=resumed)
+    run_id = tracker.start(params=cfg.flat(), tags={"world_size": "2"}, run_id=resumed,
+                           run_name=default_run_name(cfg.tracking.experiment, "ddp", "w2"))
+    tracker.log_datasets(shard_set_inputs(cfg.data.shards, cfg.eval.shards))   # pipeline.data
     tracker.log_metrics({"loss/total": 1.2, "lr": 2e-4}, step=global_step)
     tracker.log_artifact("outputs/run/plots/cmc.png", artifact_path="plots")
-    tracker.log_model(eval_state_dict(model), cfg.to_dict(), num_classes)   # pipeline.serving
+    tracker.log_model(eval_state_dict(model), cfg.to_dict(), num_classes,      # pipeline.serving
+                      metrics={"eval/mAP": 0.81})                              # linked to the model
     tracker.finish("FINISHED")
 
 When the store does not answer within ``timeout_s``, ``start`` returns the resumed run id, or None
@@ -51,8 +55,8 @@ pickle: see pipeline.serving. Its files are the logged model's, not the run's ow
 too, but MLflow 3.17 resolves that through the process-wide tracking URI, not the client's).
 """
 from .environment import environment_tags
-from .names import DEFAULT_TRACKING_URI, clean_key, clip_value, resolve_tracking_uri, unflatten
+from .names import DEFAULT_TRACKING_URI, clean_key, clip_value, default_run_name, resolve_tracking_uri, unflatten
 from .tracker import STATUSES, Tracker
 
-__all__ = ["DEFAULT_TRACKING_URI", "STATUSES", "Tracker", "clean_key", "clip_value", "environment_tags",
-           "resolve_tracking_uri", "unflatten"]
+__all__ = ["DEFAULT_TRACKING_URI", "STATUSES", "Tracker", "clean_key", "clip_value", "default_run_name",
+           "environment_tags", "resolve_tracking_uri", "unflatten"]

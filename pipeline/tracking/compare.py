@@ -5,10 +5,14 @@
     print(cmp.table())
 
 The table has one row per run, best first by the chosen metric, and shows only the params whose
-values differ between the runs (the rest is the same everywhere and would hide the signal), then
-the final rank1 / rank5 / mAP / mINP and the mean training throughput. With `out_dir`, it also writes
+values differ between the runs (the rest is the same everywhere and would hide the signal), the
+training data's digest (column `data`: the first 12 hex digits of each training dataset input's
+digest, '+' between shard sets; see pipeline.tracking.datasets), then the final rank1 / rank5 / mAP /
+mINP and the mean training throughput. With `out_dir`, it also writes
 runs.csv, <metric>.png (the metric over training per run, and its final value per run) and loss.png
 (every loss/* curve per run). Works on any MLflow store: the embedded sqlite one or a server.
+
+Runs on the same data share the digest: `--filter "dataset.digest LIKE '<12 digits>%'"` selects them.
 
 Metric names are matched exactly first, then by their last path part: `--metric mAP` finds
 'final/mAP', 'eval/mAP' or 'mAP', whichever the engine logged.
@@ -26,9 +30,11 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipeline.fileio import atomic_path, atomic_write
+from .datasets import input_context
 from .names import resolve_tracking_uri
 
 SUMMARY_METRICS = ("rank1", "rank5", "mAP", "mINP")
+DIGEST_SHOWN = 12                  # hex digits of a dataset digest in the table
 THROUGHPUT_METRIC = "throughput/images_per_s"
 # Among several metrics sharing a last path part, the first of these prefixes wins.
 _PREFERRED_PREFIXES = ("", "final/", "eval/")
@@ -80,6 +86,14 @@ def _label(run: Run) -> str:
     return run.info.run_name or run.info.run_id[:8]
 
 
+def data_digest(run: Run) -> str:
+    """The run's training data: its training dataset inputs' digests (shortened), '+' between sets;
+    '-' for a run that logged none."""
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    digests = [i.dataset.digest[:DIGEST_SHOWN] for i in inputs if input_context(i) == "training"]
+    return "+".join(digests) or "-"
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -122,10 +136,12 @@ def compare_runs(experiment: str, *, metric: str = "mAP", filter_string: str | N
         summary.insert(0, (metric, metric_key))
     has_throughput = THROUGHPUT_METRIC in available
 
-    columns = ["run", "run_id", "status", *differing, *(m for m, _ in summary)]
+    data = [data_digest(run) for run in runs]
+    has_data = any(d != "-" for d in data)
+    columns = ["run", "run_id", "status", *(["data"] if has_data else []), *differing, *(m for m, _ in summary)]
     rows = []
-    for run in runs:
-        row = [_label(run), run.info.run_id[:8], run.info.status]
+    for run, digest in zip(runs, data):
+        row = [_label(run), run.info.run_id[:8], run.info.status, *([digest] if has_data else [])]
         row += [run.data.params.get(k, "-") for k in differing]
         row += [_fmt(run.data.metrics.get(key)) for _, key in summary]
         if has_throughput:

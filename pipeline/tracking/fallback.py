@@ -1,7 +1,8 @@
 """The local fallback store: when the tracking store could not take everything by the end of a run,
-the whole run (params, every metric from metrics.jsonl, artifacts, the logged model, status) is
-written to ``sqlite:///<output_dir>/tracking/fallback.db``. A resumed training appends to the same
-fallback run (run.json remembers it and how many metric lines it already holds)."""
+the whole run (params, dataset inputs, every metric from metrics.jsonl, artifacts, the logged model
+and the metrics linked to it, status) is written to ``sqlite:///<output_dir>/tracking/fallback.db``.
+A resumed training appends to the same fallback run (run.json remembers it and how many metric lines
+it already holds)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ import logging
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import DatasetInput, Metric, Param
 
 from .names import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 from .store import ModelUpload, register_model, send_model, upload_artifact
@@ -36,7 +37,7 @@ def read_metrics(path: Path, skip: int) -> tuple[list[Metric], int]:
 
 def write_fallback(directory: Path, *, experiment: str, run_name: str | None, tags: dict[str, str],
                    params: dict[str, str], artifacts: list[tuple[Path, str | None]], models: list[ModelUpload],
-                   status: str) -> tuple[str, str, int] | None:
+                   status: str, inputs: list[DatasetInput] | None = None) -> tuple[str, str, int] | None:
     """Write the run kept in `directory` (the tracker's folder) to its fallback store. Returns (store
     URI, fallback run id, metric lines written so far), or None when that failed too (logged)."""
     uri = f"sqlite:///{(directory / 'fallback.db').resolve()}"
@@ -56,6 +57,8 @@ def write_fallback(directory: Path, *, experiment: str, run_name: str | None, ta
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(run_id, params=new[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        if inputs:
+            client.log_inputs(run_id, datasets=inputs)
         metrics, lines = read_metrics(directory / "metrics.jsonl", skip)
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])

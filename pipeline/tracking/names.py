@@ -1,16 +1,18 @@
-"""Names and values MLflow accepts, and where the store is.
+"""Names and values MLflow accepts, and where the store is (the rule itself: pipeline.config).
 
 MLflow's limits are our own constants here (its validation module is private and moves between
 releases); they are those of MLflow 3 (mlflow/utils/validation.py), which a store enforces.
 """
 from __future__ import annotations
 
-import os
 import posixpath
 import re
+import secrets
+import time
 from typing import Any
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from pipeline.config import DEFAULT_TRACKING_URI, resolve_tracking_uri  # noqa: F401 (the rule lives in config)
+
 MAX_ENTITY_KEY_LENGTH = 250          # param / metric / tag key
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
@@ -21,9 +23,16 @@ _VALID_KEY = re.compile(r"^[/\w.\- :]*$")      # alphanumerics, _ - . space : /
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """tracking.uri if set, else $MLFLOW_TRACKING_URI, else MLflow's embedded sqlite:///mlflow.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+def default_run_name(*parts: Any, now: float | None = None) -> str:
+    """A run name that says what the run is and tells runs apart, for when tracking.run_name is unset:
+    the parts joined by '-', then the local start time and 4 random hex digits, e.g.
+    ``market1501-ddp-w2-20261206-213005-9f1c`` (the trainer's parts: experiment, engine, world size).
+
+    Why not MLflow's generated names: MLflow draws them from Python's `random`, which the trainer
+    seeds, so every run of a seed got the same name. The suffix here comes from the OS (secrets),
+    which no seed touches."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return "-".join([*(str(p) for p in parts if p not in (None, "")), stamp, secrets.token_hex(2)])
 
 
 def _path_not_unique(key: str) -> bool:

@@ -1,5 +1,5 @@
-"""The MLflow calls the tracker's worker makes: open (or continue) a run, params, artifact files and the
-logged model.
+"""The MLflow calls the tracker's worker makes: open (or continue) a run, params, dataset inputs,
+artifact files and the logged model (with the evaluation metrics that measure it).
 
 The model (`Tracker.log_model`) becomes an MLflow 3 *logged model* named `model`, linked to the run as
 its output: `send_model` does what MLflow's fluent log_model does, with an explicit client (no active
@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, Param, Run, RunTag
+from mlflow.entities import DatasetInput, LoggedModelOutput, Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.fileio import atomic_write
@@ -74,6 +74,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str], existi
         client.log_batch(run_id, params=new)
 
 
+def log_inputs(client: MlflowClient, run_id: str, inputs: list[DatasetInput]) -> None:
+    """The run's dataset inputs (pipeline.tracking.datasets). Safe to repeat: MLflow keeps one input
+    per dataset (name and digest) and run."""
+    client.log_inputs(run_id, datasets=inputs)
+
+
 def upload_artifact(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
     """A file goes to <artifact_path>/<name>; a directory too, with its contents below it."""
     if path.is_dir():
@@ -85,11 +91,15 @@ def upload_artifact(client: MlflowClient, run_id: str, path: Path, artifact_path
 @dataclass
 class ModelUpload:
     """A model saved at log_model time, on its way to becoming the run's logged model. The ids are
-    kept so that a retried call continues where the failed one stopped (no second logged model)."""
+    kept so that a retried call continues where the failed one stopped (no second logged model).
+    `metrics` (points the run has) measure this model, on the dataset `dataset` ((name, digest) of a
+    dataset input, or None): they are linked to it once it exists."""
     path: Path
     step: int
     params: dict[str, str]
     register_as: str | None
+    metrics: list[Metric] = field(default_factory=list)
+    dataset: tuple[str, str] | None = None
     model_id: str | None = None
     linked: bool = False
     sent: bool = False
@@ -124,7 +134,21 @@ def send_model(client: MlflowClient, run_id: str, upload: ModelUpload) -> None:
     atomic_write(upload.path / "MLmodel", meta.to_yaml())
     client.log_model_artifacts(upload.model_id, str(upload.path))
     client.finalize_logged_model(upload.model_id, "READY")
+    link_metrics(client, run_id, upload)
     upload.sent = True
+
+
+def link_metrics(client: MlflowClient, run_id: str, upload: ModelUpload) -> None:
+    """Log `upload.metrics` with the logged model's id (and the evaluation dataset), as MLflow 3's
+    log_metrics(model_id=...) does: `get_logged_model(model_id).metrics` then lists them. They are
+    points the run already has (same key, value, step, timestamp), which MLflow does not store twice,
+    so the run's history is unchanged, and a repeated call changes nothing."""
+    if not upload.metrics:
+        return
+    name, digest = upload.dataset or (None, None)
+    client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=upload.model_id,
+                                             dataset_name=name, dataset_digest=digest)
+                                      for m in upload.metrics])
 
 
 def register_model(client: MlflowClient, run_id: str, upload: ModelUpload) -> str | None:

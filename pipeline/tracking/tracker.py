@@ -18,18 +18,20 @@ from typing import Any, TextIO
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import DatasetInput, Metric
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import TrackingConfig
 from pipeline.fileio import atomic_write
 
+from .datasets import dataset_input, input_context
 from .environment import environment_tags
 from .fallback import write_fallback
 from .names import (MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH,
-                    clean_key, clip_value, plain, resolve_tracking_uri, unflatten)
+                    clean_key, clip_value, default_run_name, plain, resolve_tracking_uri, unflatten)
 from .system import SystemSampler
-from .store import PERMANENT_ERRORS, ModelUpload, log_params, open_run, register_model, send_model, upload_artifact
+from .store import (PERMANENT_ERRORS, ModelUpload, log_inputs, log_params, open_run, register_model, send_model,
+                    upload_artifact)
 
 logger = logging.getLogger("pipeline.tracking")
 
@@ -41,7 +43,8 @@ _FINISH_CAP_FACTOR = 6            # finish() waits at most this many timeout_s i
 
 @dataclass
 class _Op:
-    """One queued MLflow call. kind: start | params | metrics | artifact | model | register | terminate."""
+    """One queued MLflow call. kind: start | params | inputs | metrics | artifact | model | register |
+    terminate."""
     kind: str
     data: Any
 
@@ -61,6 +64,7 @@ class Tracker:
         self.tracking_uri = resolve_tracking_uri(tracking_cfg.uri) if self.active else None
         self.dir = Path(output_dir) / "tracking"
         self.run_id: str | None = None            # best-known id: the resumed one, then the store's
+        self.run_name: str | None = None          # the name a new run gets (start)
         self.fallback_uri: str | None = None
         self._state = "new"                      # new -> running -> finished
         self._ops: deque[_Op] = deque()
@@ -78,6 +82,8 @@ class Tracker:
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._artifacts: list[tuple[Path, str | None]] = []
+        self._inputs: list[DatasetInput] = []
+        self._latest: dict[str, Metric] = {}     # each metric's last recorded point
         self._models: list[ModelUpload] = []
         self._seq = 0
         self._last_step = 0
@@ -91,9 +97,11 @@ class Tracker:
     # Public API
     # ---------------------------------------------------------------------------------------------
     def start(self, params: dict[str, Any], tags: dict[str, Any] | None = None,
-              run_id: str | None = None) -> str | None:
+              run_id: str | None = None, run_name: str | None = None) -> str | None:
         """Open the run (or continue `run_id`), queue params, tags and config.yaml.
 
+        A new run is named tracking.run_name, else `run_name`, else `<experiment>-<time>-<hex>`
+        (names.default_run_name; never MLflow's generator, which the seeded `random` drives).
         Returns the run id once the run exists, waiting at most tracking.timeout_s. When the store
         does not answer in time it returns `run_id` (the resumed run, continued once the store is back)
         or None (a new run is created in the background; read `self.run_id` later). None off the main
@@ -105,6 +113,7 @@ class Tracker:
         config_text = yaml.safe_dump(plain(unflatten(params)), sort_keys=False)
         self._state = "running"
         self.run_id = run_id
+        self.run_name = self.cfg.run_name or run_name or default_run_name(self.cfg.experiment)
         # One short attempt per call (these variables are read by MLflow's HTTP client at each
         # request): the worker does the retrying, without blocking anyone.
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -146,6 +155,20 @@ class Tracker:
         self._last_step = int(step)
         self._record(values, int(step))
 
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Record the training's data as the run's MLflow dataset inputs (pipeline.tracking.datasets),
+        in the background like every call. `datasets`: what pipeline.data.shard_set_inputs returns,
+        one dict per input with name, location, manifest_sha256, profile and context ("training" or
+        "evaluation"). Metrics that log_model links to the model refer to the evaluation input."""
+        if not self.active:
+            return
+        self._require_running("log_datasets")
+        inputs = [dataset_input(d["name"], d["location"], d["manifest_sha256"], d["profile"], d["context"])
+                  for d in datasets]
+        if inputs:
+            self._inputs.extend(inputs)
+            self._enqueue(_Op("inputs", inputs))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Queue a file or directory for upload as <artifact_path>/<its name>. It is copied now
         (local disk), so the caller may overwrite or delete it afterwards."""
@@ -162,11 +185,16 @@ class Tracker:
             shutil.copy2(path, staged)
         self._queue_artifact(staged, artifact_path)
 
-    def log_model(self, weights: dict[str, Any], config: dict[str, Any], num_classes: int) -> None:
+    def log_model(self, weights: dict[str, Any], config: dict[str, Any], num_classes: int,
+                  metrics: dict[str, float] | None = None) -> None:
         """Log the trained network as the run's MLflow model; a no-op when tracking.log_model is false.
 
         weights: the fp32 CPU state dict of the evaluated network (pipeline.serving.eval_state_dict);
-        config: the resolved config (Config.to_dict()); num_classes: the classifier's size.
+        config: the resolved config (Config.to_dict()); num_classes: the classifier's size;
+        metrics: {key: value} measured on this network (the final evaluation, e.g. eval/rank1), linked
+        to the logged model (`mlflow.get_logged_model(id).metrics`) and to the evaluation dataset
+        input when log_datasets recorded one. A key whose last recorded value is this one links that
+        point; otherwise the value is recorded now.
         Saved now, to local disk, as an MLflow pyfunc model of weights-only files and code (no pickle;
         see pipeline.serving), after checking that it rebuilds: a mismatch between weights and config
         raises here. Then queued: the worker makes it the run's logged model 'model'
@@ -181,7 +209,16 @@ class Tracker:
         info = save_pyfunc_model(target, weights, config, num_classes)
         params = {k: clip_value(info[k], MAX_PARAM_VAL_LENGTH)
                   for k in ("backbone", "num_classes", "feature_dim", "image_size")}
-        upload = ModelUpload(target, self._last_step, params, self.cfg.register_as)
+        linked = []
+        for key, value in (metrics or {}).items():
+            key, value = clean_key(key), float(value)
+            if key not in self._latest or self._latest[key].value != value:
+                self._record({key: value}, self._last_step)
+            linked.append(self._latest[key])
+        evaluated = next(((i.dataset.name, i.dataset.digest) for i in self._inputs
+                          if input_context(i) == "evaluation"), None)
+        upload = ModelUpload(target, self._last_step, params, self.cfg.register_as, metrics=linked,
+                             dataset=evaluated)
         self._models.append(upload)
         self._enqueue(_Op("model", upload))
         if upload.register_as:
@@ -228,6 +265,7 @@ class Tracker:
             self._jsonl.write(json.dumps({"step": step, "timestamp": timestamp, "metrics": values}) + "\n")
             self._jsonl.flush()
         entries = [Metric(k, v, timestamp, step) for k, v in values.items()]
+        self._latest.update((m.key, m) for m in entries)
         for i in range(0, len(entries), MAX_METRICS_PER_BATCH):
             self._enqueue(_Op("metrics", entries[i:i + MAX_METRICS_PER_BATCH]))
 
@@ -345,6 +383,8 @@ class Tracker:
                                   error_code="RESOURCE_DOES_NOT_EXIST")
         elif op.kind == "params":
             log_params(client, self.run_id, op.data, self._existing_params)
+        elif op.kind == "inputs":
+            log_inputs(client, self.run_id, op.data)
         elif op.kind == "metrics":
             client.log_batch(self.run_id, metrics=op.data)
         elif op.kind == "artifact":
@@ -360,7 +400,7 @@ class Tracker:
             logger.info("MLflow tracking at %s answers again; sending what was held", self.tracking_uri)
 
     def _open_run(self, client: MlflowClient, resume_id: str | None) -> None:
-        run, self._existing_params = open_run(client, self.cfg.experiment, self.cfg.run_name, self._tags,
+        run, self._existing_params = open_run(client, self.cfg.experiment, self.run_name, self._tags,
                                               resume_id, self.tracking_uri)
         self.run_id = run.info.run_id
         self._opened = True
@@ -378,9 +418,9 @@ class Tracker:
 
     def _write_fallback(self, status: str) -> None:
         tags = {**self._tags, "primary_tracking_uri": self.tracking_uri, "primary_run_id": self.run_id or "none"}
-        written = write_fallback(self.dir, experiment=self.cfg.experiment, run_name=self.cfg.run_name, tags=tags,
+        written = write_fallback(self.dir, experiment=self.cfg.experiment, run_name=self.run_name, tags=tags,
                                  params=self._params, artifacts=self._artifacts, models=self._models,
-                                 status=status)
+                                 status=status, inputs=self._inputs)
         if written is None:
             return
         uri, run_id, lines = written
