@@ -79,7 +79,7 @@ def test_prints_table_then_json_and_writes_pictures(single_run, run_dir, tiny_sh
     assert "rank-1" in stdout and "mINP" in stdout and "epoch 1" in stdout
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= result[key] <= 1.0
-    assert sorted(Path(p).name for p in result["artifacts"]) == ["cmc.png", "metrics.json",
+    assert sorted(Path(p).name for p in result["artifacts"]) == ["alignment.png", "cmc.png", "metrics.json",
                                                                  "ranked_lists.png"]
     assert all(Path(p).parent == out and Path(p).stat().st_size > 1000 for p in result["artifacts"])
     assert json.loads((out / "metrics.json").read_text())["mAP"] == pytest.approx(result["mAP"])
