@@ -350,3 +350,30 @@ def paired_local_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     diff = x.unsqueeze(2) - y.to(x.dtype).unsqueeze(1)           # [B, m, n, c]
     grid = element_distance(diff.pow(2).sum(-1))                   # [B, m, n]
     return _grid_shortest_path(grid.permute(1, 2, 0))
+
+
+def shortest_path_cells(d: torch.Tensor) -> list[tuple[int, int]]:
+    """The cells (i, j) of the shortest right/down path through one grid d [m, n], from (0, 0) to
+    (m-1, n-1) in order: the stripe pairs the aligned distance matches (its pictures draw them). The
+    cumulative costs S of the recurrence in the module docstring are computed in float64, then the path
+    is traced back from (m-1, n-1), each time to whichever of (i-1, j) and (i, j-1) has the smaller S
+    (on the first row or column the one neighbour there is; a tie goes to (i-1, j)). The sum of d over
+    the cells equals shortest_path(d)."""
+    if d.dim() != 2 or d.shape[0] == 0 or d.shape[1] == 0:
+        raise ValueError(f"shortest_path_cells expects one [m, n] grid with m, n >= 1; got {tuple(d.shape)}")
+    grid = d.detach().to("cpu", torch.float64).tolist()
+    m, n = len(grid), len(grid[0])
+    cost = [[0.0] * n for _ in range(m)]
+    for i in range(m):
+        for j in range(n):
+            before = min(cost[i - 1][j] if i else math.inf, cost[i][j - 1] if j else math.inf)
+            cost[i][j] = grid[i][j] + (before if i or j else 0.0)
+    i, j = m - 1, n - 1
+    cells = [(i, j)]
+    while i or j:
+        if j == 0 or (i and cost[i - 1][j] <= cost[i][j - 1]):
+            i -= 1
+        else:
+            j -= 1
+        cells.append((i, j))
+    return cells[::-1]

@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"               # resnet18 | resnet34 | resnet50 | resnet101
+    backbone: str = "resnet50"               # resnet18 | resnet34 | resnet50 | resnet101 | resnext50_32x4d
     last_stride: int = 1                     # 1 (16x8 map at 256x128) or 2 (8x4)
     pretrained: str | None = None            # path or URL of torchvision-named ImageNet weights; null = random init
     neck: bool = True                        # BN neck on the global feature
@@ -187,7 +187,7 @@ class Config:
         return flatten(self.to_dict())
 
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
 CHOICES = {
     "model.backbone": BACKBONES,
     "model.stripe_pool": ("avg", "max"),

@@ -79,10 +79,16 @@ def test_prints_table_then_json_and_writes_pictures(single_run, run_dir, tiny_sh
     assert "rank-1" in stdout and "mINP" in stdout and "epoch 1" in stdout
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= result[key] <= 1.0
-    assert sorted(Path(p).name for p in result["artifacts"]) == ["cmc.png", "metrics.json",
+    assert sorted(Path(p).name for p in result["artifacts"]) == ["alignment.png", "cmc.png", "metrics.json",
                                                                  "ranked_lists.png"]
     assert all(Path(p).parent == out and Path(p).stat().st_size > 1000 for p in result["artifacts"])
     assert json.loads((out / "metrics.json").read_text())["mAP"] == pytest.approx(result["mAP"])
+    # alignment.png: 4 query rows, query between true match and negative, 64x32 images as 256x128 tiles
+    # (the layout of pipeline.evaluation.visualize.plot_alignments; its content: test_eval_alignment_picture).
+    from PIL import Image
+
+    with Image.open(out / "alignment.png") as im:
+        assert im.size == (2 * 24 + 3 * (128 + 2 * 3) + 2 * 110, 4 * (256 + 2 * 3 + 30) + 64 + 36)
     # The same numbers as the library computes in-process for that checkpoint.
     model, _ = model_from_checkpoint(run_dir / "checkpoints" / "ckpt-E0001-S000010.pt")
     expect = evaluate(model, tiny_shards, image_size=IMAGE_SIZE, distance="global+local",

@@ -2,7 +2,6 @@
 well its shortest path aligns body parts (measured on synthetic pairs of known geometry)."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from pipeline.config import TrackingConfig
 from pipeline.data import synthetic
 from pipeline.engine.reporting import Reporter, branch_health
-from pipeline.evaluation.alignment_check import alignment_accuracy, path_cells, true_partners
+from pipeline.evaluation.alignment_check import alignment_accuracy, true_partners
 from pipeline.losses import local_diagnostics
 from pipeline.model.aligned import AlignedReID, unit_distance_gamma
 from pipeline.tracking import Tracker
@@ -92,37 +91,6 @@ def test_reporter_warns_once(tmp_path, capsys):
     assert report.check_branch(4) is None          # once only
     assert capsys.readouterr().err.count("WARNING: the aligned branch is saturated") == 1
     assert report.health_warning == first
-
-
-def brute_force_path(grid: torch.Tensor) -> tuple[float, set]:
-    """The cheapest monotone path by enumerating every sequence of right/down moves."""
-    m, n = grid.shape
-    best, cells = math.inf, None
-    for downs in itertools.combinations(range(m + n - 2), m - 1):
-        i = j = 0
-        path, cost = [(0, 0)], float(grid[0, 0])
-        for step in range(m + n - 2):
-            i, j = (i + 1, j) if step in downs else (i, j + 1)
-            path.append((i, j))
-            cost += float(grid[i, j])
-        if cost < best:
-            best, cells = cost, path
-    return best, set(cells)
-
-
-def test_path_cells_is_the_shortest_path():
-    from pipeline.alignment import shortest_path
-
-    gen = torch.Generator().manual_seed(0)
-    for m, n in ((1, 1), (1, 4), (3, 3), (4, 5), (5, 3)):
-        grid = torch.rand(m, n, generator=gen, dtype=torch.float64)
-        cells = path_cells(grid)
-        best, brute = brute_force_path(grid)
-        assert cells[0] == (0, 0) and cells[-1] == (m - 1, n - 1) and len(cells) == m + n - 1
-        assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(cells, cells[1:]))
-        assert sum(float(grid[c]) for c in cells) == pytest.approx(best)
-        assert set(cells) == brute                      # random costs: a unique optimum
-        assert float(shortest_path(grid)) == pytest.approx(best)
 
 
 def test_true_partners_by_hand():

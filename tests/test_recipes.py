@@ -141,7 +141,8 @@ def test_shipped_recipe_runs_as_shipped(recipe, recipe_shards, resnet50_file, tm
         assert key in run.data.metrics, key
     assert run.data.params["model.backbone"] == cfg.model.backbone
     artifacts = all_artifacts(client, run.info.run_id)
-    assert {"config.yaml", "eval/epoch-0001/cmc.png", "eval/epoch-0001/ranked_lists.png"} <= artifacts
+    assert {"config.yaml", "eval/epoch-0001/cmc.png", "eval/epoch-0001/ranked_lists.png",
+            "eval/epoch-0001/alignment.png"} <= artifacts
     mlflow.set_tracking_uri(uri)
     try:
         served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")

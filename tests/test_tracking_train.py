@@ -76,7 +76,7 @@ def check_run(client: MlflowClient, uri: str, run, out: Path, shards: Path) -> N
         assert run.data.metrics[f"eval/{name}"] == pytest.approx(summary[name])
     artifacts = all_artifacts(client, run.info.run_id)
     assert "config.yaml" in artifacts
-    assert {"eval/epoch-0001/cmc.png", "eval/epoch-0001/ranked_lists.png"} <= artifacts
+    assert {"eval/epoch-0001/cmc.png", "eval/epoch-0001/ranked_lists.png", "eval/epoch-0001/alignment.png"} <= artifacts
     # The model is the run's logged model 'model' (MLflow 3), not a run artifact; it holds the weights
     # of the last checkpoint.
     (model,) = [m for m in client.search_logged_models([run.info.experiment_id])

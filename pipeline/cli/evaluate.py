@@ -10,7 +10,8 @@ rank extracts features for its share of query and gallery and scores its share o
 network is rebuilt from the checkpoint; the config gives the shards, image size and eval settings
 (--rerank / --distance override eval.rerank / eval.distance). Rank 0 prints a table and, as the last
 line of stdout, one JSON object: rank1, rank5, rank10, mAP, mINP (fractions), cmc, valid_queries,
-artifacts, checkpoint, distance, rerank. Pictures and metrics.json go to --output-dir; by default
+artifacts, checkpoint, distance, rerank. Pictures (cmc.png, ranked_lists.png, and alignment.png: a few
+queries with their stripes and the aligned path's stripe pairs) and metrics.json go to --output-dir; by default
 they land beside the checkpoint evaluated: <run>/eval/<checkpoint name>/ for a checkpoint in
 <run>/checkpoints/, else <checkpoint folder>/eval-<checkpoint name>/ (never into the recipe's
 output_dir relative to the current directory). Progress bars go to stderr.
@@ -46,6 +47,20 @@ def default_output_dir(checkpoint: Path) -> Path:
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "eval" / stem
     return checkpoint.parent / f"eval-{stem}"
+
+
+def alignment_picture(model, shards, output_dir: Path, image_size, device, distance: str) -> str | None:
+    """alignment.png beside the other pictures (the network's own model.local_normalize decides whether
+    stripes are normalised); a failure costs the picture, not the evaluation."""
+    from pipeline.evaluation.alignment_view import write_alignment_picture
+
+    try:
+        path = write_alignment_picture(model, shards, output_dir / "alignment.png", image_size=image_size,
+                                       device=device, distance=distance)
+    except Exception as exc:  # noqa: BLE001 - the metrics are already computed; say why and go on
+        print(f"warning: alignment picture not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    return str(path) if path is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                           num_workers=cfg.data.num_workers)
     finally:
         D.cleanup()
+    if dist.is_main and cfg.eval.plots:
+        picture = alignment_picture(model, shards, output_dir, image_size, dist.device, distance)
+        if picture is not None:
+            result["artifacts"].append(picture)
     if dist.is_main:
         print(table(result, checkpoint, info, distance, rerank))
         summary = {**{k: v for k, v in result.items() if k != "cmc"},

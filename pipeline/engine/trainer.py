@@ -272,7 +272,8 @@ class Trainer:
         D.broadcast_buffers(self.backend.network, src=0)
         out_dir = self.out / "eval" / (tag or f"epoch-{self.state.epoch + 1:04d}")
         shards = eval_source(cfg.data.shards, cfg.eval.shards, cache_dir=cfg.data.cache_dir)
-        result = evaluate(self.eval_network(), shards, image_size=self.image_size, device=self.device,
+        network = self.eval_network()
+        result = evaluate(network, shards, image_size=self.image_size, device=self.device,
                           distance=cfg.eval.distance, rerank=cfg.eval.rerank, batch_size=cfg.eval.batch_size,
                           max_rank=cfg.eval.max_rank, output_dir=str(out_dir) if self.dist.is_main else None,
                           plots=cfg.eval.plots)
@@ -281,9 +282,27 @@ class Trainer:
             self.last_metrics = {k.split("/")[1]: v for k, v in metrics.items()}
             self.last_metrics_step = self.state.global_step
         if self.dist.is_main:
+            if cfg.eval.plots:
+                result["artifacts"] = [*result.get("artifacts", []),
+                                       *self._alignment_picture(network, shards, out_dir)]
             for path in result.get("artifacts", []):
                 self.tracker.log_artifact(path, artifact_path=f"eval/{out_dir.name}")
         return metrics
+
+    def _alignment_picture(self, network: torch.nn.Module, shards, out_dir: Path) -> list[str]:
+        """Rank 0 alone, after the collective evaluation: alignment.png (a few queries with their
+        stripes and the aligned path's stripe pairs; stripes L2-normalised exactly when
+        model.local_normalize). A failure costs the picture, never the run."""
+        from ..evaluation.alignment_view import write_alignment_picture
+
+        try:
+            path = write_alignment_picture(network, shards, out_dir / "alignment.png", image_size=self.image_size,
+                                           device=self.device, normalize=self.cfg.model.local_normalize,
+                                           distance=self.cfg.eval.distance)
+        except Exception as exc:  # noqa: BLE001 - a picture must not stop training; say why
+            warnings.warn(f"evaluation: alignment picture not drawn ({type(exc).__name__}: {exc})", stacklevel=2)
+            return []
+        return [str(path)] if path is not None else []
 
     # ------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.alignment import element_distance
+from pipeline.alignment import element_distance, shortest_path_cells
 from pipeline.data import synthetic
 from pipeline.data.transforms import normalize
 
@@ -51,34 +51,6 @@ def true_partners(place_a: np.ndarray, place_b: np.ndarray, height: int, stripes
     partner = np.floor(y_b * stripes / height).astype(np.int64)
     ok = (u >= 0) & (u <= 1) & (partner >= 0) & (partner < stripes)
     return np.where(ok, partner, -1)
-
-
-def path_cells(grid: torch.Tensor) -> list[tuple[int, int]]:
-    """The cells (i, j) of the shortest right/down path through grid [m, n] from (0, 0) to
-    (m-1, n-1), the path AlignedReID's local distance sums (pipeline.alignment.shortest_path gives
-    its length). Ties go to the step from above."""
-    g = grid.detach().double().cpu()
-    m, n = g.shape
-    cost = torch.empty_like(g)
-    for i in range(m):
-        for j in range(n):
-            if i == 0 and j == 0:
-                best = 0.0
-            elif i == 0:
-                best = cost[i, j - 1]
-            elif j == 0:
-                best = cost[i - 1, j]
-            else:
-                best = min(cost[i - 1, j], cost[i, j - 1])
-            cost[i, j] = g[i, j] + best
-    i, j, cells = m - 1, n - 1, [(m - 1, n - 1)]
-    while (i, j) != (0, 0):
-        if j == 0 or (i > 0 and cost[i - 1, j] <= cost[i, j - 1]):
-            i -= 1
-        else:
-            j -= 1
-        cells.append((i, j))
-    return cells[::-1]
 
 
 def _score(cells, partner: np.ndarray, tolerance: int) -> tuple[int, int]:
@@ -114,7 +86,7 @@ def alignment_accuracy(model: nn.Module, image_size: tuple[int, int], *, pairs: 
     hits = {name: [0, 0] for name in ("path", "diagonal", "path_exact", "diagonal_exact")}
     for p in range(pairs):
         grid = element_distance(torch.cdist(stripes[0][p], stripes[1][p]).pow(2))
-        for name, cells in (("path", path_cells(grid)), ("diagonal", [(i, i) for i in range(s)])):
+        for name, cells in (("path", shortest_path_cells(grid)), ("diagonal", [(i, i) for i in range(s)])):
             for key, tol in ((name, tolerance), (f"{name}_exact", 0)):
                 good, judged = _score(cells, partners[p], tol)
                 hits[key][0] += good

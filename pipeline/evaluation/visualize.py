@@ -121,3 +121,93 @@ def plot_ranked_lists(entries: list[dict], query_images: Sequence[Image.Image],
         ax.text(x, y, text, color=colour, fontsize=7, ha="center", va="bottom")
     ax.set_axis_off()
     return _save(fig, path)
+
+
+def plot_alignments(rows: list[dict], path: str | Path, *, tile_size: tuple[int, int] = (256, 128),
+                    title: str | None = None) -> Path:
+    """AlignedReID's picture of typical alignments: one row per query, the query beside gallery images,
+    each image cut into its S horizontal stripes (S = the feature map's height; alternate stripes
+    shaded, stripe numbers at the side), and a line between the centres of every stripe pair (i, j)
+    on the shortest path through the S x S element-distance grid, coloured by that element distance
+    (green near 0, red near 1) and thicker when closer.
+
+    Each row: {'query': PIL image, 'query_label': str, 'pairs': [pair, ...]} with one or two pairs, each
+    {'image': PIL image, 'label': str, 'correct': bool, 'grid': [S, S'] element distances (query stripe
+    i, gallery stripe j), 'cells': the path's (i, j) from pipeline.alignment.shortest_path_cells}. With
+    two pairs the query stands between them (first pair on its left, second on its right)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    if not rows:
+        raise ValueError("no alignments to draw (rows is empty)")
+    if any(not 1 <= len(r["pairs"]) <= 2 for r in rows):
+        raise ValueError("each row needs one or two gallery pairs")
+    th, tw = tile_size
+    border, gap, caption, margin, legend = 3, 110, 30, 24, 64
+    cols = max(1 + len(r["pairs"]) for r in rows)
+    step_y = th + 2 * border + caption
+    width = 2 * margin + cols * (tw + 2 * border) + (cols - 1) * gap
+    top = 36 if title else 0
+    height = len(rows) * step_y + legend + top
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    cmap, norm = colormaps["RdYlGn_r"], Normalize(0.0, 1.0)
+    texts, bands, lines = [], [], []
+    for r, row in enumerate(rows):
+        pairs = row["pairs"]
+        order = [pairs[0], None, pairs[1]] if len(pairs) == 2 else [None, pairs[0]]
+        y = top + r * step_y + caption
+        x_of = {}
+        for c, item in enumerate(order):
+            x = margin + c * (tw + 2 * border + gap)
+            image = row["query"] if item is None else item["image"]
+            colour = QUERY if item is None else (CORRECT if item["correct"] else WRONG)
+            canvas[y:y + th + 2 * border, x:x + tw + 2 * border] = _tile(image, colour, tile_size, border)
+            label = row.get("query_label", "query") if item is None else item["label"]
+            texts.append((x + border + tw / 2, y - 4, label, colour, "center"))
+            x_of[c] = x + border
+        q_col = order.index(None)
+        q_stripes = len(pairs[0]["grid"])
+        for c, item in enumerate(order):
+            stripes = q_stripes if item is None else len(item["grid"][0])
+            bands.append((x_of[c], y + border, stripes))
+        for c, item in enumerate(order):
+            if item is None:
+                continue
+            grid = np.asarray(item["grid"], dtype=float)
+            g_stripes = grid.shape[1]
+            left = c < q_col
+            x_q = x_of[q_col] + (0 if left else tw)          # the query's edge facing this gallery image
+            x_g = x_of[c] + (tw if left else 0)
+            for i, j in item["cells"]:
+                yq = y + border + (i + 0.5) * th / q_stripes
+                yg = y + border + (j + 0.5) * th / g_stripes
+                d = float(grid[i, j])
+                lines.append(((x_q, x_g), (yq, yg), cmap(norm(d)), 0.8 + 2.4 * (1 - d)))
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(canvas, interpolation="nearest")
+    for x0, y0, stripes in bands:
+        step = th / stripes
+        for s in range(stripes):
+            if s % 2:
+                ax.add_patch(Rectangle((x0 - 0.5, y0 + s * step - 0.5), tw, step, facecolor="white",
+                                       alpha=0.22, edgecolor="none"))
+            if s:
+                ax.plot((x0 - 0.5, x0 + tw - 0.5), (y0 + s * step - 0.5,) * 2, color="black", lw=0.4, alpha=0.5)
+    for xs, ys, colour, lw in lines:
+        ax.plot(xs, ys, color=colour, lw=lw, solid_capstyle="round")
+        ax.plot(xs, ys, "o", color=colour, ms=2.5)
+    for x, y, text, colour, ha in texts:
+        ax.text(x, y, text, color=colour, fontsize=7, ha=ha, va="bottom")
+    if title:
+        ax.text(width / 2, 6, title, fontsize=7.5, ha="center", va="top", linespacing=1.4)
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_axis_off()
+    cax = fig.add_axes((0.15, 34 / height, 0.7, 10 / height))
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
+    bar.set_label("element distance tanh(‖f − g‖ / 2) of each matched stripe pair", fontsize=7, labelpad=2)
+    bar.ax.tick_params(labelsize=6)
+    return _save(fig, path)

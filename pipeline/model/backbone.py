@@ -1,8 +1,10 @@
-"""ResNet-18/34/50/101 trunks (no pooling, no fc) with a configurable last stride.
+"""ResNet-18/34/50/101 and ResNeXt-50 (32x4d) trunks (no pooling, no fc) with a configurable last stride.
 
 Module and parameter names are torchvision's (conv1, bn1, layer1.0.conv1, ..., layerN.0.downsample.0/1;
 Bottleneck blocks put the stride on conv2, the "v1.5" variant torchvision ships), so torchvision's
-ImageNet state dicts load as they are (pipeline/model/pretrained.py).
+ImageNet state dicts load as they are (pipeline/model/pretrained.py). ResNeXt-50 32x4d (the AlignedReID
+paper's second base model, "ResNet50-Xception") is torchvision's: the same layout as ResNet-50 with
+grouped 3x3 convolutions, 32 groups, bottleneck width int(planes * 4 / 64) * 32 (twice ResNet-50's).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3)),
 }
+# Grouped (ResNeXt) trunks: name -> (groups, width per group), torchvision's arguments.
+GROUPED: dict[str, tuple[int, int]] = {"resnext50_32x4d": (32, 4)}
 
 # torchvision's ImageNet weights for each trunk (IMAGENET1K_V1, the weights the AlignedReID
 # reproductions started from); the 8 hex digits in each name are the start of the file's sha256.
@@ -25,6 +30,7 @@ IMAGENET_URLS: dict[str, str] = {
     "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    "resnext50_32x4d": "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
 }
 
 
@@ -48,15 +54,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1x1 -> 3x3 (stride, `groups`) -> 1x1 (x4). Its inner width is
+    int(planes * width_per_group / 64) * groups: `planes` for ResNet (1, 64), twice that for 32x4d."""
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None):
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None,
+                 groups: int = 1, width_per_group: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        width = int(planes * width_per_group / 64) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -72,7 +82,8 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet trunk: image [N, 3, H, W] -> feature map [N, out_channels, H / s, W / s], s = 16 with
     last_stride 1, 32 with last_stride 2. `width` is the channel count of the stem and first stage
-    (torchvision: 64); a smaller one gives a cheap network of the same structure and names for tests."""
+    (torchvision: 64); a smaller one gives a cheap network of the same structure and names for tests
+    (ResNeXt keeps its 32 groups, so its width must be a multiple of 16: int(width * 4 / 64) >= 1)."""
 
     def __init__(self, name: str = "resnet50", last_stride: int = 1, width: int = 64):
         super().__init__()
@@ -84,6 +95,11 @@ class ResNet(nn.Module):
         block = BasicBlock if kind == "basic" else Bottleneck
         if width < 1:
             raise ValueError(f"width is {width}; must be >= 1")
+        self.groups, self.width_per_group = GROUPED.get(name, (1, 64))
+        if self.groups > 1 and width * self.width_per_group % 64:
+            raise ValueError(f"width is {width}; {name} keeps {self.groups} groups of "
+                             f"int(planes * {self.width_per_group} / 64) channels, so width must be a "
+                             f"multiple of {64 // self.width_per_group} (torchvision: 64)")
         self.name = name
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -109,9 +125,10 @@ class ResNet(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        grouping = {} if block is BasicBlock else {"groups": self.groups, "width_per_group": self.width_per_group}
+        layers = [block(self.inplanes, planes, stride, downsample, **grouping)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, 1, None) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, 1, None, **grouping) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -325,7 +325,7 @@ def load_pretrained(backbone: ResNet, source: str, cache_dir: str | None = None)
     if mismatched:
         raise ValueError(f"model.pretrained: {source} does not fit backbone {backbone.name}; shape "
                          f"mismatches: {'; '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}. "
-                         f"Use weights of the same depth as model.backbone.")
+                         f"Use weights of the same network (depth, ResNet or ResNeXt) as model.backbone.")
     if not usable:
         raise ValueError(f"model.pretrained: {source} has no key of a torchvision {backbone.name} (first "
                          f"keys: {', '.join(list(state)[:5])}); expected names like conv1.weight, "
