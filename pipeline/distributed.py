@@ -45,6 +45,11 @@ def launch_rank() -> int:
     return env_int("RANK", 0)
 
 
+def launch_world_size() -> int:
+    """The number of processes as the launcher set it; 1 for a plain process."""
+    return env_int("WORLD_SIZE", 1)
+
+
 def launch_local_rank() -> int:
     """This process's rank on its node as the launcher set it; 0 for a plain process."""
     return env_int("LOCAL_RANK", 0)
@@ -189,11 +194,12 @@ _GROUPS: dict[int, RankGroup] = {}
 
 
 def check_group_size(size: int, world_size: int, key: str = "loss.mining_ranks") -> None:
-    """`size` ranks per group (0 = all) must be >= 0 and divide the world size; the error names `key`."""
+    """`size` ranks per group (0 = all) must be >= 0 and divide the world size; the error names `key`.
+    reid-train checks it with the launcher's world size before any process group starts."""
     if size < 0:
-        raise ValueError(f"'{key}' is {size}; must be >= 0 (0 = all ranks)")
+        raise LaunchError(f"'{key}' is {size}; must be >= 0 (0 = all ranks)")
     if size and world_size % size:
-        raise ValueError(f"'{key}' is {size}, but the world size {world_size} is not divisible by it; use a "
+        raise LaunchError(f"'{key}' is {size}, but the world size {world_size} is not divisible by it; use a "
                          f"divisor of {world_size} (e.g. the GPUs per node) or 0 for all ranks")
 
 

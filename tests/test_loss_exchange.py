@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig
-from pipeline.distributed import check_group_size, cleanup, count_traffic, init_distributed
+from pipeline.distributed import LaunchError, check_group_size, cleanup, count_traffic, init_distributed
 from pipeline.losses import TERMS, AlignedReIDCriterion
 
 from gloo_ranks import PROCESS_TIMEOUT_S, run_ranks
@@ -113,12 +113,24 @@ def test_exchange_and_mining_groups(tmp_path: Path, world: int) -> None:
 
 
 def test_mining_ranks_must_divide_the_world_size() -> None:
-    """At start-up (the criterion is built before the first step), naming the key."""
+    """Before any process group starts (reid-train, with the launcher's world size) and again when the
+    criterion is built, naming the key."""
     check_group_size(4, 8)
     check_group_size(0, 3)
-    with pytest.raises(ValueError, match=r"'loss.mining_ranks' is 3, but the world size 8 is not divisible"):
+    with pytest.raises(LaunchError, match=r"'loss.mining_ranks' is 3, but the world size 8 is not divisible"):
         check_group_size(3, 8)
     cfg = loss_config(0.3, "global")
     cfg.mining_ranks = 2   # a single process is a world of 1
-    with pytest.raises(ValueError, match="'loss.mining_ranks' is 2, but the world size 1"):
+    with pytest.raises(LaunchError, match="'loss.mining_ranks' is 2, but the world size 1"):
         AlignedReIDCriterion(cfg)
+
+
+def test_reid_train_refuses_indivisible_mining_ranks(monkeypatch, capsys) -> None:
+    """reid-train stops with status 2 before any process group or data, naming the key, once per node."""
+    from pipeline.cli.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["--config", "demo", "loss.mining_ranks=3"]) == 2
+    err = capsys.readouterr().err
+    assert "launch error: 'loss.mining_ranks' is 3, but the world size 4 is not divisible by it" in err
