@@ -143,6 +143,7 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+    _GROUPS.clear()   # the subgroups died with the default group
 
 
 def broadcast_object(obj, src: int = 0):
