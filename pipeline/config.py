@@ -81,6 +81,7 @@ class LossConfig:
     local_mining: str = "global"             # global (the paper) | local: the distance that mines local triplets
     mutual_prob_weight: float = 1.0          # used when mutual.enabled
     mutual_metric_weight: float = 1.0        # used when mutual.enabled
+    mining_ranks: int = 0                    # mine/align within groups of this many consecutive ranks; 0 = all
 
 
 @dataclass
@@ -294,6 +295,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "loss.mutual_prob_weight", "loss.mutual_metric_weight"):
         if flat[key] < 0:
             bad(key, f"is {flat[key]}; loss weights must be >= 0 (0 disables the term)")
+    if cfg.loss.mining_ranks < 0:
+        bad("loss.mining_ranks", f"is {cfg.loss.mining_ranks}; must be >= 0 (0 mines over all ranks; N > 0 "
+            "within groups of N consecutive ranks, N dividing the world size)")
     if cfg.loss.local_warmup_epochs < 0:
         bad("loss.local_warmup_epochs", f"is {cfg.loss.local_warmup_epochs}; must be >= 0")
     if cfg.model.local_dim <= 0:

@@ -1,5 +1,7 @@
 """The one place that knows the rank: process-group set-up from torchrun's environment, rank helpers,
-and a differentiable all_gather.
+and the loss's exchange: groups of consecutive ranks (loss.mining_ranks), a differentiable all_gather
+whose backward is a reduce-scatter, `fetch_rows` (only the rows a rank needs, gradients routed back to
+their owners), and a counter of the bytes they send.
 
 Works as a plain single process too (no torchrun): then world size is 1 and every collective is a no-op.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +43,11 @@ def launch_rank() -> int:
     """This process's global rank as the launcher (torchrun) set it; 0 for a plain process. Readable
     before any process group exists (entry points use it to report an error once)."""
     return env_int("RANK", 0)
+
+
+def launch_world_size() -> int:
+    """The number of processes as the launcher set it; 1 for a plain process."""
+    return env_int("WORLD_SIZE", 1)
 
 
 def launch_local_rank() -> int:
@@ -135,6 +143,7 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+    _GROUPS.clear()   # the subgroups died with the default group
 
 
 def broadcast_object(obj, src: int = 0):
@@ -168,41 +177,222 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Loss exchange: mining groups, a traffic counter, and the differentiable collectives the loss uses.
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """A block of `size` consecutive ranks: `group` (None = every rank), this rank's position `rank` in
+    it, and `first`, the global rank of its first member."""
+    group: object = None
+    rank: int = 0
+    size: int = 1
+    first: int = 0
+
+
+_GROUPS: dict[int, RankGroup] = {}
+
+
+def check_group_size(size: int, world_size: int, key: str = "loss.mining_ranks") -> None:
+    """`size` ranks per group (0 = all) must be >= 0 and divide the world size; the error names `key`.
+    reid-train checks it with the launcher's world size before any process group starts."""
+    if size < 0:
+        raise LaunchError(f"'{key}' is {size}; must be >= 0 (0 = all ranks)")
+    if size and world_size % size:
+        raise LaunchError(f"'{key}' is {size}, but the world size {world_size} is not divisible by it; use a "
+                         f"divisor of {world_size} (e.g. the GPUs per node) or 0 for all ranks")
+
+
+def rank_group(size: int, key: str = "loss.mining_ranks") -> RankGroup:
+    """The group of `size` consecutive ranks (0 or the world size: every rank) this rank belongs to.
+
+    The first call for a size is collective (torch's new_group must be called by every rank for every
+    subgroup, in the same order): call it on every rank at the same point, e.g. at start-up. Later calls
+    return the cached group."""
+    world, rank = get_world_size(), get_rank()
+    check_group_size(size, world, key)
+    if size in (0, world) or not is_dist():
+        return RankGroup(None, rank, world, 0)
+    if size not in _GROUPS:
+        mine = None
+        for first in range(0, world, size):   # every rank creates every subgroup, in the same order
+            group = dist.new_group(list(range(first, first + size)))
+            if first <= rank < first + size:
+                mine = RankGroup(group, rank - first, size, first)
+        _GROUPS[size] = mine
+    return _GROUPS[size]
+
+
+class TrafficCounter:
+    """Bytes this rank sends to other ranks in the loss's collectives below, as a bandwidth-optimal
+    implementation moves them: all_gather (G - 1)·|x|, all_to_all the rows addressed to other ranks,
+    all_reduce (ring) 2·(G - 1)/G·|t|. Counted from the tensors handed to each collective (not estimated
+    from the model's sizes). gloo on one machine moves the same bytes over the loopback device, except
+    its reduce_scatter, which costs an all_reduce there (hence all_to_all below);
+    benchmarks/scaling.py prints both counts side by side."""
+
+    def __init__(self):
+        self.bytes, self.calls = 0, 0
+
+    def add(self, nbytes: float) -> None:
+        self.bytes += int(nbytes)
+        self.calls += 1
+
+
+_COUNTERS: list[TrafficCounter] = []
+
+
+@contextmanager
+def count_traffic():
+    """`with count_traffic() as c: ...` -> c.bytes: what this rank sent in the loss's collectives."""
+    counter = TrafficCounter()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def _count(nbytes: float) -> None:
+    for counter in _COUNTERS:
+        counter.add(nbytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# torch 2.13 renamed all_gather_into_tensor (the old name warns)
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather(x: torch.Tensor, group: RankGroup) -> torch.Tensor:
+    out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+    _gather_into(out, x.contiguous(), group=group.group)
+    _count((group.size - 1) * _nbytes(x))
+    return out
+
+
+def _all_to_all(x: torch.Tensor, send: list[int], receive: list[int], group: RankGroup) -> torch.Tensor:
+    """Rows x[sum(send[:r]):sum(send[:r + 1])] go to group member r; returns the rows received, member
+    by member (receive[r] from member r)."""
+    out = x.new_empty((sum(receive), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=receive, input_split_sizes=send,
+                           group=group.group)
+    row = _nbytes(x[:1]) if x.shape[0] else 0
+    _count(row * (sum(send) - send[group.rank]))
+    return out
+
+
+def _reduce_scatter_rows(grad: torch.Tensor, group: RankGroup, dtype: torch.dtype) -> torch.Tensor:
+    """Sum over the group of grad [G·A, ...] and keep this rank's A rows: a reduce-scatter, done as an
+    all_to_all of the slices (in `dtype`, the features' own) plus a local sum in the gradient's precision.
+    Measured on gloo with 4 ranks on the loopback: 1.5 MiB per rank for 2 MiB of gradient, the same as a
+    ring reduce-scatter; gloo's reduce_scatter_tensor moved 3.0 MiB (an all_reduce)."""
+    count = grad.shape[0] // group.size
+    pieces = _all_to_all(grad.to(dtype), [count] * group.size, [count] * group.size, group)
+    return pieces.view(group.size, count, *grad.shape[1:]).to(grad.dtype).sum(0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward hands each rank the SUM over all ranks of the gradient
-    computed for its slice (a reduce-scatter). With each rank's loss taken over its own anchors against
-    the gathered batch and DDP averaging gradients, this reproduces exactly the gradient of one process
-    holding the whole global batch (see tests/test_distributed_equivalence.py)."""
+    """all_gather along dim 0 within a group; the output is in `out_dtype` (the loss's precision) while the
+    exchange runs in the input's dtype (bf16 features travel as bf16). The backward hands each rank the
+    SUM over the group of the gradient computed for its slice (a reduce-scatter). With each rank's loss
+    taken over its own anchors against the gathered batch and DDP averaging gradients, this reproduces
+    exactly the gradient of one process holding the group's batch (tests/test_distributed_equivalence.py)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+    def forward(ctx, x: torch.Tensor, group: RankGroup, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.group, ctx.dtype = group, x.dtype
+        return _all_gather(x, group).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_rows(grad, ctx.group, ctx.dtype).to(ctx.dtype), None, None
+
+
+class _GatherAllReduce(torch.autograd.Function):
+    """The former exchange, kept as the baseline of benchmarks/scaling.py and the tests: all_gather of the
+    tensor as given, backward = all_reduce of the whole gathered gradient (twice a reduce-scatter's bytes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: RankGroup) -> torch.Tensor:
+        ctx.group, ctx.n = group, x.shape[0]
+        return _all_gather(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
-        # Sum every rank's gradient w.r.t. the gathered tensor; keep our own slice.
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group.group)
+        _count(2 * (ctx.group.size - 1) / ctx.group.size * _nbytes(grad))
+        rank = ctx.group.rank
+        return grad[rank * ctx.n:(rank + 1) * ctx.n], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0 (rank order), differentiably.
+def all_gather_with_grad(x: torch.Tensor, group: RankGroup | None = None, out_dtype: torch.dtype | None = None,
+                         backward: str = "reduce_scatter") -> torch.Tensor:
+    """Concatenate `x` from every rank of `group` (default: all) along dim 0 (rank order), differentiably,
+    exchanged in x's dtype and returned in `out_dtype` (default x's).
 
-    Every rank must pass the same shape (fixed P x K batches make this hold)."""
-    if not is_dist() or get_world_size() == 1:
+    backward: 'reduce_scatter' (each rank receives the summed gradient of its own rows) or 'all_reduce'
+    (the former exchange, for baselines). Every rank must pass the same shape (fixed P x K batches)."""
+    group = group or rank_group(0)
+    out_dtype = out_dtype or x.dtype
+    if not is_dist() or group.size == 1:
+        return x.to(out_dtype)
+    if backward == "all_reduce":
+        return _GatherAllReduce.apply(x, group).to(out_dtype)
+    return _GatherWithGrad.apply(x, group, out_dtype)
+
+
+class _FetchRows(torch.autograd.Function):
+    """Rows `index` of the group's batch (the concatenation of every member's x), each fetched from its
+    owner. Forward: every rank tells each owner which of its rows it wants (an all_to_all of counts, then
+    one of indices) and the owners send those rows (an all_to_all of rows); a row asked for twice travels
+    once. Backward: the same route in reverse, each gradient row back to its owner, summed there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, group: RankGroup, out_dtype: torch.dtype):
+        count = x.shape[0]
+        wanted, inverse = torch.unique(index, return_inverse=True)      # sorted: grouped by owner
+        receive = torch.bincount(wanted // count, minlength=group.size)
+        send = _all_to_all(receive, [1] * group.size, [1] * group.size, group)
+        receive, send = receive.tolist(), send.tolist()
+        # the rows of mine each member asked for (as int32 on the wire)
+        asked = _all_to_all((wanted % count).to(torch.int32), receive, send, group).long()
+        rows = _all_to_all(x[asked], send, receive, group)
+        ctx.save_for_backward(asked, inverse)
+        ctx.group, ctx.send, ctx.receive, ctx.count, ctx.dtype = group, send, receive, count, x.dtype
+        return rows.to(out_dtype)[inverse]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        asked, inverse = ctx.saved_tensors
+        per_row = grad.new_zeros((sum(ctx.receive), *grad.shape[1:]))
+        per_row.index_add_(0, inverse, grad)                             # a row fetched for several anchors
+        back = _all_to_all(per_row.to(ctx.dtype), ctx.receive, ctx.send, ctx.group)
+        out = grad.new_zeros((ctx.count, *grad.shape[1:]))
+        out.index_add_(0, asked, back.to(grad.dtype))                   # a row asked for by several ranks
+        return out.to(ctx.dtype), None, None, None
+
+
+def fetch_rows(x: torch.Tensor, index: torch.Tensor, group: RankGroup | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows `index` ([M] positions in the group's batch, i.e. rank r's row i is r·A + i) of the
+    concatenation of every group member's x [A, ...], differentiably, moving only those rows (in x's
+    dtype; returned in `out_dtype`). Collective: every member must call it (M may differ per rank)."""
+    group = group or rank_group(0)
+    out_dtype = out_dtype or x.dtype
+    if not is_dist() or group.size == 1:
+        return x.to(out_dtype)[index]
+    return _FetchRows.apply(x, index, group, out_dtype)
+
+
+def all_gather_no_grad(x: torch.Tensor, group: RankGroup | None = None) -> torch.Tensor:
+    """Concatenate `x` (same shape on every rank) from every rank of `group` (default: all) along dim 0,
+    without gradient."""
+    group = group or rank_group(0)
+    if not is_dist() or group.size == 1:
         return x
-    return _GatherWithGrad.apply(x)
-
-
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (same shape on every rank) from every rank along dim 0, without gradient."""
-    if not is_dist() or get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    return _all_gather(x.detach(), group)

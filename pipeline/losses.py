@@ -2,25 +2,36 @@
 triplet on the same mined pairs with the aligned local distance, identity cross-entropy with label
 smoothing, and the two deep-mutual-learning terms.
 
-Cross-rank exactness. Every rank gathers the global/local features (differentiably: the backward of
-`all_gather_with_grad` sums every rank's gradient into the owner's slice) and the pids of all ranks,
-then computes the loss of ITS OWN anchors (rows) against the WHOLE gathered batch (columns): positives
-and negatives come from every rank, and each (anchor, candidate) term is computed on exactly one rank.
-With W ranks of A samples (N = W * A) and DDP averaging gradients (dividing by W), a rank's loss must be
-W times its share of the single-process loss for the averaged gradient to equal the single-process
-gradient of the mean over the global batch:
+Cross-rank exactness. Every rank gathers the global features (differentiably: the backward of
+`all_gather_with_grad`, a reduce-scatter, sums every rank's gradient into the owner's rows) and the pids
+of its mining group, then computes the loss of ITS OWN anchors (rows) against the WHOLE gathered batch
+(columns): positives and negatives come from every rank, and each (anchor, candidate) term is computed on
+exactly one rank. The local triplet needs only the stripes of each own anchor's mined positive and
+negative: `fetch_rows` brings just those rows (2A per rank, fewer when shared) from their owners and
+routes their gradients back (loss.local_mining=local mines on the full local distance, so that path also
+gathers every stripe, without gradient). Features travel in the dtype the model computed them in (bf16
+under autocast); the loss arithmetic runs in at least float32.
 
-* per-sample terms (ID, mutual KL): sum over own samples / A            (= W * sum / N)
-* mutual metric: sum over own rows of the N x N matrices / (A * N)      (= W * sum / N^2)
-* triplet terms: sum over own VALID anchors * W / V, where V is the number of valid anchors in the
-  GLOBAL batch (an anchor is valid when some other sample shares its pid and some sample does not).
-  V is computed identically on every rank from the gathered pids, at no extra communication. Dividing
+Mining groups (loss.mining_ranks = G > 0, G dividing the world size W): all of the above happens within
+blocks of G consecutive ranks; 0 (or W) is one group of all ranks, the exact loss. Below, "the group's
+batch" has N = G * A samples, and the factor G is the group size. A rank's loss must be G times its share
+of the group's single-process loss L_g: the group's ranks then sum to G * L_g, DDP divides the sum over
+all W ranks by W, and the averaged gradient is that of (G / W) * sum over groups of L_g = the MEAN OVER
+GROUPS of each group's exact loss (each group's anchors mined and normalised within the group only;
+with G = W, the exact single-process loss of the global batch):
+
+* per-sample terms (ID, mutual KL): sum over own samples / A            (= G * sum / N)
+* mutual metric: sum over own rows of the N x N matrices / (A * N)      (= G * sum / N^2)
+* triplet terms: sum over own VALID anchors * G / V, where V is the number of valid anchors in the
+  GROUP's batch (an anchor is valid when some other sample shares its pid and some sample does not).
+  V is computed identically on every member from the gathered pids, at no extra communication. Dividing
   by the rank's own valid count instead would weight anchors differently on ranks with different
   counts and break exactness. When every anchor is valid this is the plain "sum over own anchors / A".
 
 Anchors that are not valid keep a zero weight rather than being dropped, so the local branch always
 takes part in the graph (DDP needs every parameter used in every step). tests/test_distributed_
-equivalence.py checks the exactness with real gloo process groups.
+equivalence.py (the model under DDP) and tests/test_loss_exchange.py (8 ranks, groups) check the
+exactness with real gloo process groups.
 """
 from __future__ import annotations
 
@@ -31,9 +42,10 @@ import torch.nn.functional as F
 
 from .alignment import EPS, local_distance, paired_local_distance
 from .config import LossConfig
-from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
+from .distributed import all_gather_no_grad, all_gather_with_grad, fetch_rows, rank_group
 
 TERMS = ("global_triplet", "local_triplet", "id", "local_id", "mutual_prob", "mutual_metric")
+EXCHANGES = ("rows", "gather_all")   # gather_all: the former exchange (baselines, tests)
 # Is the aligned branch alive? Detached statistics of the local triplets (reported as `local/<name>`):
 DIAGNOSTICS = ("pos_match", "neg_match", "saturated", "neg_cosine", "precision")
 SATURATED = 0.99      # an element distance above this has a tanh slope below 0.01: it no longer learns
@@ -120,16 +132,25 @@ class AlignedReIDCriterion:
     loss: this rank's loss (see the module docstring for the normalisation that makes DDP's averaged
     gradient equal the single-process one). terms: detached scalars `global_triplet`, `local_triplet`,
     `id`, `mutual_prob`, `mutual_metric` (unweighted; summed over the two networks of a mutual pair;
-    each is this rank's share, so their mean over ranks is the single-process value), `precision`
-    (fraction of this rank's valid anchors with d(a, n) > d(a, p), averaged over networks), with the
-    local triplet the branch's health `local/<name>` (see `local_diagnostics`; this rank's figures, the
-    trainer reports their mean over ranks) and `total`.
+    each is this rank's share, so their mean over ranks is the single-process value; with mining groups,
+    the mean over groups of each group's value), `precision` (fraction of this rank's valid anchors with
+    d(a, n) > d(a, p), averaged over networks), with the local triplet the branch's health
+    `local/<name>` (see `local_diagnostics`; this rank's figures, the trainer reports their mean over
+    ranks) and `total`.
     A term with weight 0 is not computed (reported as 0). `last_timing` holds the wall time of the
-    last call: `comm_s` (feature and pid gathers) and `loss_s` (the whole forward of the loss);
+    last call: `comm_s` (feature, stripe and pid exchanges, forward), `dp_s` (the aligned local
+    distances' dynamic programme, forward) and `loss_s` (the whole forward of the loss);
     `synchronize=True` waits for the GPU around them for exact figures."""
 
-    def __init__(self, loss_cfg: LossConfig, mutual: bool = False, synchronize: bool = False):
+    def __init__(self, loss_cfg: LossConfig, mutual: bool = False, synchronize: bool = False,
+                 exchange: str = "rows"):
         self.cfg, self.mutual, self.synchronize = loss_cfg, mutual, synchronize
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}; got {exchange!r}")
+        self.exchange = exchange
+        # Collective on first use for a group size: made here, at start-up, on every rank alike. Raises,
+        # naming loss.mining_ranks, when the world size is not divisible by it.
+        self.group = rank_group(loss_cfg.mining_ranks)
         weights = {"global_triplet": loss_cfg.global_weight, "local_triplet": loss_cfg.local_weight,
                    "id": loss_cfg.id_weight, "local_id": loss_cfg.local_id_weight,
                    "mutual_prob": loss_cfg.mutual_prob_weight if mutual else 0.0,
@@ -176,8 +197,45 @@ class AlignedReIDCriterion:
         start = self._clock(device)
         with torch.autocast(device.type, enabled=False):
             loss, terms, comm_s = self._compute(nets, pids, labels)
-        self.last_timing = {"comm_s": comm_s, "loss_s": self._clock(device) - start}
+        self.last_timing = {"comm_s": comm_s, "dp_s": self._dp_s, "loss_s": self._clock(device) - start}
         return loss, terms
+
+    def _exchange(self, nets: list[dict], dtype: torch.dtype, local: bool):
+        """The features the loss needs from the other members of this rank's mining group.
+
+        Returns (g_all, local_rows): g_all, per network, the group's global features [N, D] in `dtype`
+        (differentiable; exchanged in the features' own dtype, the backward a reduce-scatter), and
+        local_rows(i, index) -> network i's stripes of the group-batch rows `index` [M, S, L] in `dtype`:
+        fetched differentiably from their owners, only those rows; index=None: every row, without gradient
+        (for loss.local_mining=local, which mines on the full local distance). Collective: every member
+        must make the same calls in the same order.
+
+        exchange='gather_all' is the former exchange (benchmarks/scaling.py's baseline, and tests): every
+        sample's global and local features, in `dtype`, gathered together, the backward an all-reduce."""
+        if self.exchange == "gather_all":
+            parts = [_as_float(net["global"], dtype) for net in nets]
+            if local:
+                parts += [_as_float(net["local"], dtype).flatten(1) for net in nets]
+            gathered = all_gather_with_grad(torch.cat(parts, 1), self.group, backward="all_reduce")
+            pieces = torch.split(gathered, [p.shape[1] for p in parts], dim=1)
+            l_all = [p.view(p.shape[0], *net["local"].shape[1:]) for p, net in zip(pieces[len(nets):], nets)]
+
+            def gathered_rows(i: int, index: torch.Tensor | None) -> torch.Tensor:
+                return l_all[i].detach() if index is None else l_all[i][index]
+            return list(pieces[:len(nets)]), gathered_rows
+        # One gather for every network's global features, in the dtype they were computed in.
+        width = nets[0]["global"].shape[1]
+        native = torch.promote_types(nets[0]["global"].dtype, nets[-1]["global"].dtype)
+        g_cat = all_gather_with_grad(torch.cat([_as_float(net["global"], native) for net in nets], 1),
+                                     self.group, out_dtype=dtype)
+        g_all = list(torch.split(g_cat, width, dim=1))
+
+        def fetched_rows(i: int, index: torch.Tensor | None) -> torch.Tensor:
+            stripes = nets[i]["local"]
+            if index is None:
+                return _as_float(all_gather_no_grad(stripes.detach(), self.group), dtype)
+            return fetch_rows(stripes, index, self.group, out_dtype=dtype)
+        return g_all, fetched_rows
 
     def _compute(self, nets: list[dict], pids: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
@@ -188,29 +246,23 @@ class AlignedReIDCriterion:
         count, device = pids.shape[0], pids.device
         mine = w["global_triplet"] > 0 or w["local_triplet"] > 0
         sums = {name: torch.zeros((), dtype=dtype, device=device) for name in TERMS}
+        self._dp_s = 0.0
         precision = torch.zeros((), dtype=dtype, device=device)
         diagnostics: dict[str, torch.Tensor] = {}
         comm_s = 0.0
 
         if mine or w["mutual_metric"] > 0:
-            # One gather for every network's global (and local) features: [A, sum of widths].
-            parts = [_as_float(net["global"], dtype) for net in nets]
-            if w["local_triplet"] > 0:
-                parts += [_as_float(net["local"], dtype).flatten(1) for net in nets]
             t0 = self._clock(device)
-            gathered = all_gather_with_grad(torch.cat(parts, 1))
-            all_pids = all_gather_no_grad(pids)
+            g_all, local_rows = self._exchange(nets, dtype, w["local_triplet"] > 0)
+            all_pids = all_gather_no_grad(pids, self.group)
             comm_s = self._clock(device) - t0
-            pieces = torch.split(gathered, [p.shape[1] for p in parts], dim=1)
-            g_all = pieces[:len(nets)]
-            l_all = [p.view(p.shape[0], *net["local"].shape[1:]) for p, net in zip(pieces[len(nets):], nets)]
-            first = get_rank() * count
+            first = self.group.rank * count
             own = slice(first, first + count)
             dists = [pairwise_euclidean(g[own], g) for g in g_all]           # [A, N] per network
             if mine:
                 anchor_index = torch.arange(first, first + count, device=device)
-                # V, the global batch's valid anchors: the same on every rank (see the module docstring).
-                scale = get_world_size() / valid_anchors(all_pids).sum().clamp_min(1).to(dtype)
+                # V, the group batch's valid anchors: the same on every member (see the module docstring).
+                scale = self.group.size / valid_anchors(all_pids).sum().clamp_min(1).to(dtype)
                 for i, dist in enumerate(dists):
                     pos, neg, valid = batch_hard_mining(dist, pids, all_pids, anchor_index)
                     weight = valid.to(dtype) * scale
@@ -222,25 +274,34 @@ class AlignedReIDCriterion:
                         sums["global_triplet"] += (triplet(d_ap, d_an, self.cfg.margin) * weight).sum()
                     if w["local_triplet"] > 0:
                         # Aligned local distance of each own anchor to its mined positive and negative.
-                        anchors = l_all[i][own]
+                        anchors = _as_float(nets[i]["local"], dtype)
                         lpos, lneg = pos, neg
                         if self.cfg.local_mining == "local":   # the local branch mines its own triplets
                             with torch.no_grad():
-                                local_all = local_distance(anchors.detach(), l_all[i].detach())
+                                t1 = self._clock(device)
+                                every = local_rows(i, None)    # all of the group's stripes, no gradient
+                                comm_s += self._clock(device) - t1
+                                t1 = self._clock(device)
+                                local_all = local_distance(anchors.detach(), every)
+                                self._dp_s += self._clock(device) - t1
                             lpos, lneg, _ = batch_hard_mining(local_all, pids, all_pids, anchor_index)
-                        local_d = paired_local_distance(torch.cat([anchors, anchors]),
-                                                        l_all[i][torch.cat([lpos, lneg])])
+                        t1 = self._clock(device)
+                        mined = local_rows(i, torch.cat([lpos, lneg]))
+                        comm_s += self._clock(device) - t1
+                        t1 = self._clock(device)
+                        local_d = paired_local_distance(torch.cat([anchors, anchors]), mined)
+                        self._dp_s += self._clock(device) - t1
                         loss_i = triplet(local_d[:count], local_d[count:], self.cfg.margin)
                         sums["local_triplet"] += (loss_i * weight).sum()
-                        stats = local_diagnostics(anchors.detach(), l_all[i][lpos].detach(),
-                                                  l_all[i][lneg].detach(), local_d[:count].detach(),
+                        stats = local_diagnostics(anchors.detach(), mined[:count].detach(),
+                                                  mined[count:].detach(), local_d[:count].detach(),
                                                   local_d[count:].detach(), valid)
                         for name, value in stats.items():
                             diagnostics[name] = diagnostics.get(name, 0.0) + value / len(nets)
             if w["mutual_metric"] > 0:
                 for i, dist in enumerate(dists):
                     partner = dists[1 - i].detach()
-                    sums["mutual_metric"] += (dist - partner).pow(2).sum() / (count * gathered.shape[0])
+                    sums["mutual_metric"] += (dist - partner).pow(2).sum() / (count * dist.shape[1])
 
         for i, net in enumerate(nets):
             logits = _as_float(net["logits"], dtype)

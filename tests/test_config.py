@@ -43,6 +43,7 @@ def test_yaml_file_then_overrides(tmp_path):
     (["model.backbone=resnet51"], "Did you mean 'resnet50'"),
     (["engine.backend=horovod"], "must be one of ['ddp', 'deepspeed']"),
     (["loss.margin=-1"], "'loss.margin'"),
+    (["loss.mining_ranks=-2"], "'loss.mining_ranks' is -2"),
     (["train.lr=0"], "'train.lr'"),
     (["data.p"], "expected key.sub=value"),
     (["data=3"], "must be a mapping"),

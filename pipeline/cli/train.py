@@ -17,7 +17,8 @@ import sys
 import time
 
 from pipeline.config import ConfigError, check_machine, load_config
-from pipeline.distributed import LaunchError, check_elastic_restarts, launch_local_rank, launch_rank
+from pipeline.distributed import (LaunchError, check_elastic_restarts, check_group_size, launch_local_rank,
+                                  launch_rank, launch_world_size)
 from pipeline.logs import setup_logging
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         check_machine(cfg)
         check_elastic_restarts()
+        check_group_size(cfg.loss.mining_ranks, launch_world_size())
     except (ConfigError, LaunchError) as exc:
         if launch_local_rank() == 0:   # once per node, not once per process
             kind = "config error" if isinstance(exc, ConfigError) else "launch error"

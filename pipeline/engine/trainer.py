@@ -148,7 +148,8 @@ class Trainer:
         if self._forward_dtype is None:   # what the network really computed in (summary.json)
             first = outputs[0] if isinstance(outputs, list) else outputs
             self._forward_dtype = str(first["global"].dtype).removeprefix("torch.")
-        outputs = _to_float(outputs)
+        # No cast here: the criterion exchanges the features in the dtype they were computed in (bf16 under
+        # autocast: half the bytes) and computes the loss in float32.
         if self.cfg.loss.local_warmup_epochs > 0:
             progress = (self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch) / self.steps_per_epoch
             self.criterion.local_scale = min(1.0, progress / self.cfg.loss.local_warmup_epochs)
@@ -393,12 +394,6 @@ class Trainer:
 
 
 LINKED_METRICS = ("rank1", "mAP", "mINP")    # the final evaluation's metrics linked to the logged model
-
-
-def _to_float(outputs):
-    if isinstance(outputs, list):
-        return [_to_float(o) for o in outputs]
-    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
 
 
 def _fmt(terms: dict[str, float]) -> str:
