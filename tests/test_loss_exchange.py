@@ -60,7 +60,7 @@ def feature_loss(nets: list[dict], rows: slice, case: tuple, mining_ranks: int, 
 
 
 def _feature_worker(rank: int, world: int, out_dir: str) -> None:
-    init_distributed("gloo", timeout_s=60)
+    init_distributed("gloo", timeout_s=RANKS_TIMEOUT_S)
     per_rank = len(FEATURE_PIDS) // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     results = []
