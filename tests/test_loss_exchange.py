@@ -60,7 +60,7 @@ def feature_loss(nets: list[dict], rows: slice, case: tuple, mining_ranks: int, 
 
 
 def _feature_worker(rank: int, world: int, out_dir: str) -> None:
-    init_distributed("gloo", timeout_s=60)
+    init_distributed("gloo", timeout_s=RANKS_TIMEOUT_S)
     per_rank = len(FEATURE_PIDS) // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     results = []
@@ -79,8 +79,11 @@ def _feature_worker(rank: int, world: int, out_dir: str) -> None:
     cleanup()
 
 
+RANKS_TIMEOUT_S = 2 * PROCESS_TIMEOUT_S   # 8 process starts: about 40 s on 2 idle cores, more when busy
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(PROCESS_TIMEOUT_S + 60)
+@pytest.mark.timeout(RANKS_TIMEOUT_S + 60)
 @pytest.mark.parametrize("world", [8])
 def test_exchange_and_mining_groups(tmp_path: Path, world: int) -> None:
     """Every case against one process per mining group (the group's samples only). Within a group of G
@@ -88,7 +91,7 @@ def test_exchange_and_mining_groups(tmp_path: Path, world: int) -> None:
     feature gradient is G * dL_g/dx (DDP's average over all W ranks then gives the gradient of the mean
     over groups of L_g). mining_ranks 0 and W are the exact full loss; the gather_all exchange (the former
     one) gives the same numbers as the rows exchange."""
-    ranks = run_ranks(_feature_worker, world, tmp_path)
+    ranks = run_ranks(_feature_worker, world, tmp_path, timeout_s=RANKS_TIMEOUT_S)
     per_rank = len(FEATURE_PIDS) // world
     for index, case in enumerate(CASES):
         size = world if case[0] in (0, -1) else case[0]
