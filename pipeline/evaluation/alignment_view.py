@@ -55,18 +55,23 @@ def _read(source, split: str, indices: list[int]) -> dict[int, bytes]:
 
 
 def choose_images(source, queries: int = ALIGNMENT_QUERIES, pool: int = NEGATIVE_POOL) -> list[dict]:
-    """Queries evenly spread over the first query shard's that have a true match, each with its true
-    matches and a pool of up to `pool` negatives (other identities, junk excluded): [{'query': (index,
-    pid, camid), 'matches': [gallery index, ...], 'negatives': [...]}]. Deterministic."""
+    """Up to `queries` queries, evenly spread over those of the first query shard that have a true match
+    (same identity, another camera) in the gallery shards read so far, each with its true matches and a
+    pool of up to `pool` negatives (other identities; junk, pid -1, excluded everywhere):
+    [{'query': (index, pid, camid), 'matches': [gallery index, ...], 'negatives': [...]}].
+    Gallery shards are read in order until enough queries have a match and the pool is full.
+    Deterministic."""
     (candidates,) = list(_split_meta(source, "query", range(1)))
     candidates = [c for c in candidates if c[1] != -1]
     gallery: list[tuple[int, int, int]] = []
+    cameras: dict[int, set[int]] = {}
     matched: list[tuple[int, int, int]] = []
     for shard in _split_meta(source, "gallery"):
-        gallery += [g for g in shard if g[1] != -1]
-        keys = {(pid, cam) for _, pid, cam in gallery}
-        pids = {pid for pid, _ in keys}
-        matched = [q for q in candidates if q[1] in pids and any(p == q[1] and c != q[2] for p, c in keys)]
+        for g in shard:
+            if g[1] != -1:
+                gallery.append(g)
+                cameras.setdefault(g[1], set()).add(g[2])
+        matched = [q for q in candidates if cameras.get(q[1], set()) - {q[2]}]
         if len(matched) >= queries and len(gallery) >= pool + 2 * queries:
             break
     if not matched:
