@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_out
 # make ablation ABLATION_ARGS="--synthetic-misalign 0,0.5,1 --seeds 3 train.epochs=16".
 ABLATION_DIR    ?= ablation_out
 ABLATION_RECIPE ?= configs/demo.yaml
-# About 50 minutes on 2 cores: 3 seeds x (global, aligned), 12 epochs of 100 identities each. Mutual
+# About an hour on 2 cores (59 min measured): 3 seeds x (global, aligned), 12 epochs of 100 identities. Mutual
 # learning trains two networks: add it with --variants global,aligned,mutual (about twice as long).
 ABLATION_ARGS   ?= --synthetic-misalign 1.0 --seeds 3 --variants global,aligned --nproc 2 \
                    --train-ids 100 --test-ids 100 train.epochs=12
