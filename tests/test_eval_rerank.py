@@ -104,10 +104,14 @@ def test_from_features_local_mode():
     qf, gf = clustered(rng, 15, 45, 8)
     ql, gl = qf.view(15, 4, 2), gf.view(45, 4, 2)
     feats, stripes = torch.cat([qf, gf]), torch.cat([ql, gl])
-    full = (pairwise_distance(feats, feats) + local_distance(stripes, stripes)).numpy()
-    expect = rerank(full[:15, 15:], full[:15, :15], full[15:, 15:], k1=8, k2=3)
-    got = rerank_from_features(qf, gf, k1=8, k2=3, local=(ql, gl), distance="global+local")
-    np.testing.assert_allclose(got.numpy(), expect, atol=2e-6)
+    d_global, d_local = pairwise_distance(feats, feats), local_distance(stripes, stripes)
+    # global+local: on the common scale (4 stripes not of unit length: paths of at most 7 cells below 1
+    # each); global+local-sum: the reproductions' plain sum
+    for distance, full in (("global+local", d_global / 2 + d_local / 7), ("global+local-sum", d_global + d_local)):
+        full = full.numpy()
+        expect = rerank(full[:15, 15:], full[:15, :15], full[15:, 15:], k1=8, k2=3)
+        got = rerank_from_features(qf, gf, k1=8, k2=3, local=(ql, gl), distance=distance)
+        np.testing.assert_allclose(got.numpy(), expect, atol=2e-6, err_msg=distance)
 
 
 def test_reranking_improves_a_clustered_retrieval():
