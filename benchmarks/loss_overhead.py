@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import LossConfig, ModelConfig  # noqa: E402
 from pipeline.losses import AlignedReIDCriterion  # noqa: E402
+from rank_processes import run_ranks  # noqa: E402  (benchmarks/, the script's own folder)
 from pipeline.model import MutualPair, build_model  # noqa: E402
 
 
@@ -113,35 +112,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(args: argparse.Namespace) -> list:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    if args.nproc == 1:
-        worker(0, 1, 0, args, results)
-        return [results.get(timeout=60)]
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, args.nproc, port, args, results)) for r in range(args.nproc)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + args.timeout
-    collected = []
-    try:
-        while len(collected) < args.nproc:
-            collected.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
-    finally:
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-    if any(proc.exitcode != 0 for proc in procs):
-        raise RuntimeError(f"rank exit codes {[p.exitcode for p in procs]}")
-    return collected
+    return run_ranks(worker, args.nproc, args, args.timeout)
 
 
 def main() -> None:

@@ -42,8 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
-import socket
 import statistics
 import sys
 import time
@@ -57,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import LossConfig  # noqa: E402
 from pipeline.distributed import count_traffic  # noqa: E402
 from pipeline.losses import AlignedReIDCriterion  # noqa: E402
+from rank_processes import run_ranks  # noqa: E402  (benchmarks/, the script's own folder)
 
 MIB = 2 ** 20
 GPUS_PER_NODE, NVLINK_BPS, NIC_BPS, STEP_S = 8, 200e9, 50e9, 8e-3
@@ -143,35 +142,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_world(world: int, args: argparse.Namespace) -> list:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    if world == 1:   # in this process: nothing to exchange, and one process start less
-        worker(0, 1, 0, args, results)
-        return [results.get(timeout=60)[1]]
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, args, results)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + args.timeout
-    collected = []
-    try:
-        while len(collected) < world:
-            collected.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
-    finally:
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-    if any(proc.exitcode != 0 for proc in procs):
-        raise RuntimeError(f"W={world}: rank exit codes {[p.exitcode for p in procs]}")
-    return [rows for _, rows in sorted(collected, key=lambda c: c[0])]
+    return [rows for _, rows in run_ranks(worker, world, args, args.timeout)]
 
 
 def summarise(world: int, per_rank: list) -> list[dict]:
