@@ -40,7 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .alignment import EPS, local_distance, paired_local_distance
+from .alignment import EPS, element_distance, local_distance, paired_local_distance
 from .config import LossConfig
 from .distributed import all_gather_no_grad, all_gather_with_grad, fetch_rows, rank_group
 
@@ -68,8 +68,8 @@ def local_diagnostics(anchors: torch.Tensor, positives: torch.Tensor, negatives:
     if keep.numel() == 0:
         return {name: torch.zeros((), dtype=d_ap.dtype, device=d_ap.device) for name in DIAGNOSTICS}
     a, p, n = anchors[keep], positives[keep], negatives[keep]
-    e_ap = torch.tanh(torch.cdist(a, p) / 2)                      # [V, S, S] element distances
-    e_an = torch.tanh(torch.cdist(a, n) / 2)
+    e_ap = element_distance(torch.cdist(a, p).pow(2))             # [V, S, S] element distances
+    e_an = element_distance(torch.cdist(a, n).pow(2))
     best_an, j = e_an.min(2)
     matched = n.gather(1, j[..., None].expand(-1, -1, n.shape[2]))
     cosine = torch.nn.functional.cosine_similarity(a, matched, dim=2, eps=EPS)
