@@ -1,5 +1,5 @@
 """The dataset recipes' learning rate, step by step, is the strong baseline's published schedule, and
-docs/recipes.md's table says what the recipes say. No training: the real optimizer and LR scheduler of
+docs/recipes.md's table says what the recipes say. No training: the real optimizer and LR schedule of
 pipeline/engine/schedule.py on one tiny parameter, against a reference computed here independently."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pipeline.config import load_config
-from pipeline.engine.schedule import build_optimizer, build_scheduler
+from pipeline.engine.schedule import apply_lr, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("market1501", "dukemtmc", "msmt17", "cuhk03np", "deepspeed_zero2")
@@ -30,18 +30,17 @@ def reference_lr(step: int, steps_per_epoch: int = STEPS_PER_EPOCH) -> float:
 
 
 def lr_trace(recipe: str, steps: int) -> list[float]:
-    """The LR of every optimiser step 0..steps-1 as the trainer applies it (the scheduler steps after
-    each optimiser step)."""
+    """The LR of every optimiser step 0..steps-1 as the trainer applies it: set from the training
+    progress (step / steps per epoch at a constant world size) before each optimiser step."""
     cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = build_optimizer([param], cfg.train)
-    scheduler = build_scheduler(optimizer, STEPS_PER_EPOCH, cfg.train)
     trace = []
-    for _ in range(steps):
+    for step in range(steps):
+        apply_lr(optimizer, step / STEPS_PER_EPOCH, cfg.train)
         trace.append(optimizer.param_groups[0]["lr"])
         param.grad = torch.zeros_like(param)
         optimizer.step()
-        scheduler.step()
     return trace
 
 

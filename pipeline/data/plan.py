@@ -26,11 +26,22 @@ How an epoch is made:
    2P identities); a window's groups are shuffled and assembled greedily into batches of P distinct
    identities, a group whose identity is already in the batch waiting for the next one. Leftovers
    at the end are topped up with fresh groups, so the rank never runs dry.
+
+An epoch re-cut for another world size (`plan_rank` with `cuts`). A run that resumes mid-epoch on
+another number of ranks finishes the epoch with the batches the previous ranks had not used yet: every
+old rank's remaining steps, in old-rank order, are laid end to end and cut into `world_size` equal
+contiguous pieces, one per new rank (`Cut.remaining // world_size` steps each; the last
+`remaining % world_size` batches, fewer than one step, are dropped). Each piece keeps its shards' reading
+order. A step of a re-cut epoch may give two ranks the same identity (when a piece boundary falls
+inside one old rank's plan); the loss compares pids across ranks, so it stays correct. A re-cut epoch
+can be re-cut again (a chain of `Cut`s, oldest first); the next epoch is planned for the new world
+size as usual.
 """
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,3 +261,78 @@ def plan_epoch(manifests, *, p: int, k: int, rank: int, world_size: int, epoch: 
             batch.append(draws.draw(others[i]))
         yield len(windows), batch
         made += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-cutting an epoch for another world size
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cut:
+    """Part of an epoch trained at another world size: each of its `world_size` ranks had a plan of
+    `steps` steps and ran the first `done`."""
+    world_size: int
+    steps: int
+    done: int
+
+    def __post_init__(self):
+        if self.world_size < 1 or not 0 <= self.done <= self.steps:
+            raise ValueError(f"invalid epoch cut {self}: needs world_size >= 1 and 0 <= done <= steps")
+
+    @property
+    def remaining(self) -> int:
+        """Batches its ranks had not used, over all of them."""
+        return (self.steps - self.done) * self.world_size
+
+    def as_dict(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "steps": self.steps, "done": self.done}
+
+
+def as_cuts(cuts: Sequence[Cut | dict] | None) -> list[Cut]:
+    return [c if isinstance(c, Cut) else Cut(int(c["world_size"]), int(c["steps"]), int(c["done"]))
+            for c in (cuts or [])]
+
+
+def cut_steps(cuts: Sequence[Cut | dict], world_size: int) -> int:
+    """Steps of every rank in an epoch re-cut after `cuts` for `world_size` ranks (0: nothing left)."""
+    cuts = as_cuts(cuts)
+    return cuts[-1].remaining // world_size
+
+
+def epoch_fraction(cuts: Sequence[Cut | dict], step: int, steps: int) -> float:
+    """The share of the epoch done after `step` of the current `steps` steps, with `cuts` before them:
+    each earlier world did `done / steps` of what was left to it. 1.0 at the epoch's last step."""
+    done, left = 0.0, 1.0
+    for cut in as_cuts(cuts):
+        share = cut.done / cut.steps if cut.steps else 1.0
+        done, left = done + left * share, left * (1.0 - share)
+    return done + left * (step / steps if steps else 1.0)
+
+
+def plan_rank(manifests, *, p: int, k: int, rank: int, world_size: int, epoch: int, seed: int, steps: int,
+              cuts: Sequence[Cut | dict] = (), window_images: int = DEFAULT_WINDOW_IMAGES
+              ) -> Iterator[tuple[tuple[int, ...], list[Group]]]:
+    """(reading key, batch of P groups) for each step of the rank's epoch. Without `cuts` it is
+    plan_epoch (`steps` per rank; key: (window,)). With `cuts`, `steps` is that of the first cut's world
+    (the epoch as planned) and the rank's share of the re-cut epoch follows (module docstring; key:
+    (old rank, ..., window)): batches with the same key are read in one pass."""
+    cuts = as_cuts(cuts)
+    sets = as_train_sets(manifests)
+    if not cuts:
+        for number, batch in plan_epoch(sets, p=p, k=k, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
+                                        steps=steps, window_images=window_images):
+            yield (number,), batch
+        return
+    *earlier, last = cuts
+    expected = cut_steps(earlier, last.world_size) if earlier else steps
+    if last.steps != expected:
+        raise ValueError(f"epoch cut {last} does not follow the cuts before it ({expected} steps per rank)")
+    n = last.remaining // world_size
+    per_old = last.steps - last.done
+    lo, hi = rank * n, (rank + 1) * n
+    for old in range(lo // per_old, (hi - 1) // per_old + 1) if n else ():
+        first = max(lo, old * per_old) - old * per_old + last.done
+        stop = min(hi, (old + 1) * per_old) - old * per_old + last.done
+        plan = plan_rank(sets, p=p, k=k, rank=old, world_size=last.world_size, epoch=epoch, seed=seed,
+                         steps=steps, cuts=earlier, window_images=window_images)
+        for key, batch in itertools.islice(plan, first, stop):
+            yield (old, *key), batch

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import decoded as dc
 from .images import decode_rgb, resize_batch
 from .locations import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT_S, ShardError, ShardSource, as_source
-from .plan import DEFAULT_WINDOW_IMAGES, Group, TrainSets, epoch_steps, plan_epoch
+from .plan import DEFAULT_WINDOW_IMAGES, Cut, Group, TrainSets, as_cuts, cut_steps, epoch_steps, plan_rank
 from .shards import load_manifest, read_samples
 
 DEFAULT_LOADER_TIMEOUT_S = 300.0
@@ -47,12 +47,14 @@ class _TrainSteps(IterableDataset):
 
     def __init__(self, sources: list[ShardSource], sets: TrainSets, *, p: int, k: int, rank: int,
                  world_size: int, epoch: int, seed: int, steps: int, start_step: int,
-                 image_size: tuple[int, int], verify: bool, window_images: int):
+                 image_size: tuple[int, int], verify: bool, window_images: int, planned_steps: int,
+                 cuts: list[Cut]):
         super().__init__()
         self.sources, self.sets = sources, sets
         self.p, self.k, self.rank, self.world_size = p, k, rank, world_size
         self.epoch, self.seed, self.steps, self.start_step = epoch, seed, steps, start_step
         self.image_size, self.verify, self.window_images = image_size, verify, window_images
+        self.planned_steps, self.cuts = planned_steps, cuts   # the epoch as first planned; its re-cuts
         self.states = None   # decode-cache states at the epoch's start (None: no cache)
 
     # ------------------------------------------------------------------------------------ reading
@@ -104,8 +106,9 @@ class _TrainSteps(IterableDataset):
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        plan = plan_epoch(self.sets, p=self.p, k=self.k, rank=self.rank, world_size=self.world_size,
-                          epoch=self.epoch, seed=self.seed, steps=self.steps, window_images=self.window_images)
+        plan = plan_rank(self.sets, p=self.p, k=self.k, rank=self.rank, world_size=self.world_size,
+                         epoch=self.epoch, seed=self.seed, steps=self.planned_steps, cuts=self.cuts,
+                         window_images=self.window_images)
         steps = [(step, window, batch) for step, (window, batch) in enumerate(plan) if step >= self.start_step]
         first_use: dict[int, int] = {}
         if self.states is not None:     # the step that decodes each image the cache does not have yet
@@ -267,7 +270,8 @@ def train_batches(shards, *, p: int, k: int, rank: int, world_size: int, epoch: 
                   window_images: int = DEFAULT_WINDOW_IMAGES, timeout_s: float = DEFAULT_LOADER_TIMEOUT_S,
                   cache_dir: str | Path | None = None, decode_cache: str | dc.DecodeCache = "none",
                   device: torch.device | str | None = None, ranks_per_node: int = 1,
-                  io_timeout_s: float = DEFAULT_TIMEOUT_S, io_attempts: int = DEFAULT_ATTEMPTS) -> TrainBatches:
+                  io_timeout_s: float = DEFAULT_TIMEOUT_S, io_attempts: int = DEFAULT_ATTEMPTS,
+                  cuts=None) -> TrainBatches:
     """Identity-balanced P×K training batches for one rank and epoch (see plan.py and this module).
 
     shards: a location (folder, URL, `pipe:` template; locations.py), a ShardSource, or a list of them
@@ -277,7 +281,9 @@ def train_batches(shards, *, p: int, k: int, rank: int, world_size: int, epoch: 
     `dataset` (index of the shard set), all int64; the K images of an identity are adjacent.
     cache_dir: node-local copy of remote shards. decode_cache: "none", "host", "device" (decoded.py;
     a string reuses the process's cache across calls) or a DecodeCache. io_timeout_s / io_attempts:
-    per-read timeout and attempts in a row for remote files. timeout_s: DataLoader worker timeout."""
+    per-read timeout and attempts in a row for remote files. timeout_s: DataLoader worker timeout.
+    cuts: the epoch was partly trained at other world sizes (plan.Cut, or their dicts, oldest first):
+    this rank's share of the rest of it (plan.plan_rank), `cut_steps(cuts, world_size)` steps."""
     if p < 1 or k < 1:
         raise ValueError(f"p={p}, k={k}: both must be >= 1")
     if not 0 <= rank < world_size:
@@ -302,9 +308,12 @@ def train_batches(shards, *, p: int, k: int, rank: int, world_size: int, epoch: 
         if path is not None and "bytes" in entry and path.stat().st_size != entry["bytes"]:
             raise ShardError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
                              f"{entry['bytes']}: truncated or replaced; re-run launch/prepare_data.py")
-    steps = epoch_steps(sets, p, k, world_size, steps_per_epoch)
+    cuts = as_cuts(cuts)
+    planned = cuts[0].steps if cuts else epoch_steps(sets, p, k, world_size, steps_per_epoch)
+    steps = cut_steps(cuts, world_size) if cuts else planned
     if steps < 1:
-        raise ValueError(f"steps_per_epoch is {steps}; must be >= 1")
+        raise ValueError(f"steps_per_epoch is {steps}; must be >= 1" if not cuts else
+                         f"the re-cut epoch {[c.as_dict() for c in cuts]} has no step left for {world_size} ranks")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step {start_step} is outside the epoch's {steps} steps")
     size = (int(image_size[0]), int(image_size[1]))
@@ -323,5 +332,5 @@ def train_batches(shards, *, p: int, k: int, rank: int, world_size: int, epoch: 
                          f"have {sets.images} train images at {size}")
     dataset = _TrainSteps(sources, sets, p=p, k=k, rank=rank, world_size=world_size, epoch=epoch, seed=seed,
                           steps=steps, start_step=start_step, image_size=size, verify=verify,
-                          window_images=window_images)
+                          window_images=window_images, planned_steps=planned, cuts=cuts)
     return TrainBatches(dataset, num_workers, timeout_s, cache)

@@ -58,10 +58,10 @@ def branch_health(means: dict[str, float]) -> str | None:
 
 class Reporter:
     def __init__(self, out: Path, tracker: Tracker, *, is_main: bool, log_every: int, epochs: int,
-                 steps_per_epoch: int, images_per_step: int):
+                 steps_per_epoch: int, images_per_step: int, world_size: int = 1):
         self.out, self.tracker, self.is_main = Path(out), tracker, is_main
         self.log_every, self.epochs, self.steps_per_epoch = log_every, epochs, steps_per_epoch
-        self.images_per_step = images_per_step
+        self.images_per_step, self.world_size = images_per_step, world_size
         self._jsonl = None
         self._bar = None
         self.epoch_means: dict[str, float] = {}
@@ -83,8 +83,10 @@ class Reporter:
             self._jsonl = None
 
     # ------------------------------------------------------------------------------------- epoch
-    def start_epoch(self, state: TrainState) -> None:
-        self._bar = tqdm(total=self.steps_per_epoch, initial=state.step_in_epoch, disable=not self.is_main,
+    def start_epoch(self, state: TrainState, steps: int | None = None) -> None:
+        """`steps`: this epoch's length (another one than steps_per_epoch when it was re-cut)."""
+        self._epoch_steps = self.steps_per_epoch if steps is None else steps
+        self._bar = tqdm(total=self._epoch_steps, initial=state.step_in_epoch, disable=not self.is_main,
                          desc=f"epoch {state.epoch + 1}/{self.epochs}", unit="step", dynamic_ncols=True,
                          file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         self._sums: dict[str, float] = {}
@@ -100,7 +102,8 @@ class Reporter:
         step_time = max(timing["step_s"] + data_wait, 1e-9)
         # "time": wall clock (Unix seconds) when the step ended, for rates over many steps.
         record = {"epoch": state.epoch, "step": state.step_in_epoch, "global_step": state.global_step,
-                  "time": time.time(), "lr": lr, **{_metric_name(k): v for k, v in terms.items()},
+                  "time": time.time(), "lr": lr, "world_size": self.world_size,
+                  **{_metric_name(k): v for k, v in terms.items()},
                   "throughput/images_per_s": self.images_per_step / step_time,
                   "time/data_wait_share": data_wait / step_time}
         for key in ("comm_s", "loss_s"):
@@ -115,7 +118,7 @@ class Reporter:
             self._bar.set_postfix_str(f"loss {terms.get('total', float('nan')):.3f} "
                                       f"tri {terms.get('global_triplet', 0):.3f} id {terms.get('id', 0):.3f} "
                                       f"{local}{record['throughput/images_per_s']:.0f} img/s")
-        if state.global_step % self.log_every == 0 or state.step_in_epoch == self.steps_per_epoch:
+        if state.global_step % self.log_every == 0 or state.step_in_epoch == self._epoch_steps:
             self.tracker.log_metrics({k: v for k, v in record.items() if k not in _NOT_SENT},
                                      step=state.global_step)
 

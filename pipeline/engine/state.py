@@ -1,5 +1,6 @@
-"""The training state that is not the network or the optimiser: where the run is (epoch, step),
-its RNG streams, its MLflow run id and its history (resumed from, skipped steps).
+"""The training state that is not the network or the optimiser: where the run is (epoch, step, and
+how the current epoch was cut when the world size changed in it), its RNG streams, its MLflow run id and
+its history (resumed from, world size changes, skipped steps).
 
 `TrainState.state_dict(rngs)` / `load_state_dict(state, ...)` are the checkpoint's share of it; the
 RNG helpers make a resumed run draw exactly the augmentation an uninterrupted one would have drawn.
@@ -53,12 +54,15 @@ class TrainState:
     mlflow_run_id: str | None = None
     resumed_from: list[str] = field(default_factory=list)
     skipped_steps: int = 0          # non-finite steps skipped (train.nan_policy=skip)
+    epoch_cuts: list[dict] = field(default_factory=list)     # this epoch at earlier world sizes (plan.Cut)
+    world_size_changes: list[dict] = field(default_factory=list)
 
     def state_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint's training-state keys; `rngs`: every rank's rng_state(), in rank order."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "rng": rngs, "mlflow_run_id": self.mlflow_run_id, "resumed_from": list(self.resumed_from),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "epoch_cuts": [dict(c) for c in self.epoch_cuts],
+                "world_size_changes": [dict(c) for c in self.world_size_changes]}
 
     def load_state_dict(self, state: dict[str, Any], *, name: str, rank: int, world_size: int) -> bool:
         """Continue from checkpoint `state` (called `name`). Restores this rank's RNG when the world size
@@ -68,6 +72,8 @@ class TrainState:
         self.mlflow_run_id = state.get("mlflow_run_id")
         self.resumed_from = list(state.get("resumed_from", [])) + [name]
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.epoch_cuts = [dict(c) for c in state.get("epoch_cuts", [])]
+        self.world_size_changes = [dict(c) for c in state.get("world_size_changes", [])]
         rng = state.get("rng") or []
         if int(state.get("world_size", -1)) == world_size and len(rng) == world_size:
             set_rng_state(rng[rank])

@@ -12,6 +12,12 @@ Fault tolerance:
 - checkpoints every `checkpoint.every_steps` and at each epoch end (atomic, last K kept, `latest`);
 - a restart with the same command resumes from `latest` at the exact step with the same batches
   (the stream replays from `start_step`, RNG states of every rank are restored);
+- a restart on another number of ranks (a SLURM requeue onto fewer nodes, an elastic job that lost or
+  gained a node) resumes too, under DDP and DeepSpeed ZeRO-1/2 (backend.py re-partitions the optimiser
+  state): the rest of the current epoch is re-cut for the new ranks (data/plan.py, `Cut`), the LR
+  continues from the training progress in epochs, the same MLflow run goes on, and the change is
+  recorded (`world_size_changes` in the checkpoints and summary.json, `world_size` in every step record,
+  a line on stderr);
 - SIGTERM/SIGUSR1 (preemption): every rank agrees at the next step boundary, a checkpoint is written,
   `<output_dir>/preempted.json` is left for the job script, and the process exits with
   PREEMPTED_EXIT_CODE so the scheduler can requeue;
@@ -34,6 +40,7 @@ from ..checkpoint import (CheckpointError, CheckpointManager, checkpoint_name, e
 from ..config import Config, dump_config, flatten
 from ..data import (TrainSets, epoch_steps, eval_source, load_manifests, shard_set_inputs, shard_set_tags,
                     train_batches)
+from ..data.plan import Cut, cut_steps, epoch_fraction
 from ..data.transforms import TrainAugment
 from ..losses import AlignedReIDCriterion
 from ..model import MutualPair, build_model, fetch_pretrained_once_per_node
@@ -71,7 +78,7 @@ class Trainer:
         self.criterion = AlignedReIDCriterion(cfg.loss, mutual=cfg.mutual.enabled)
         self.augment = TrainAugment(self.image_size, flip_prob=cfg.data.flip_prob, pad=cfg.data.pad,
                                     erasing_prob=cfg.data.erasing_prob).to(self.device)
-        self.backend = build_backend(cfg, network, self.device, dist_info.world_size, self.steps_per_epoch)
+        self.backend = build_backend(cfg, network, self.device, dist_info.world_size)
         self.state = TrainState()
 
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.checkpoint.keep_last)
@@ -84,7 +91,8 @@ class Trainer:
         self.tracker = Tracker(cfg.tracking, is_main=dist_info.is_main, output_dir=str(self.out))
         self.report = Reporter(self.out, self.tracker, is_main=dist_info.is_main, log_every=cfg.train.log_every,
                                epochs=cfg.train.epochs, steps_per_epoch=self.steps_per_epoch,
-                               images_per_step=cfg.data.p * cfg.data.k * dist_info.world_size)
+                               images_per_step=cfg.data.p * cfg.data.k * dist_info.world_size,
+                               world_size=dist_info.world_size)
         if cfg.checkpoint.resume:
             self._resume()
         self.batches(self.state.epoch, self.state.step_in_epoch)  # data.decode_cache: allocated (or refused) now
@@ -112,7 +120,10 @@ class Trainer:
         return network.to(self.device)
 
     def _tags(self) -> dict[str, str]:
-        return {"world_size": str(self.dist.world_size), "nodes": str(self.dist.num_nodes),
+        changes = {"world_size_changes": ", ".join(
+            f"{c['from_world_size']}->{c['to_world_size']} at step {c['global_step']}"
+            for c in self.state.world_size_changes)} if self.state.world_size_changes else {}
+        return {"world_size": str(self.dist.world_size), "nodes": str(self.dist.num_nodes), **changes,
                 "engine": self.backend.name, "dist_backend": str(self.dist.backend or "none"),
                 "device": self.device.type,
                 **shard_set_tags(self.cfg.data.shards),   # locations, formats, manifest sha256
@@ -124,15 +135,29 @@ class Trainer:
         return getattr(self.tracker, "run_id", None) or self.state.mlflow_run_id
 
     # ------------------------------------------------------------------------------------- step
+    def epoch_length(self) -> int:
+        """Steps of the current epoch: steps_per_epoch, or fewer or more when the epoch was begun at
+        another world size and re-cut for this one (data/plan.py)."""
+        cuts = self.state.epoch_cuts
+        return cut_steps(cuts, self.dist.world_size) if cuts else self.steps_per_epoch
+
+    def progress(self) -> float:
+        """Training progress in epochs (fractional): what the LR schedule and the local warm-up follow,
+        continuous across a change of world size."""
+        s = self.state
+        return s.epoch + epoch_fraction(s.epoch_cuts, s.step_in_epoch, self.epoch_length())
+
     def batches(self, epoch: int, start_step: int = 0):
-        """This rank's P×K batches of `epoch` from `start_step` on (uint8: augmented in train_step)."""
+        """This rank's P×K batches of `epoch` from `start_step` on (uint8: augmented in train_step); for
+        the current epoch, re-cut as the state says."""
         d = self.cfg.data
         return train_batches(d.shards, p=d.p, k=d.k, rank=self.dist.rank, world_size=self.dist.world_size,
                              epoch=epoch, seed=self.cfg.seed, num_workers=d.num_workers,
                              image_size=self.image_size, start_step=start_step,
                              steps_per_epoch=self.cfg.train.steps_per_epoch, cache_dir=d.cache_dir,
                              decode_cache=d.decode_cache, device=self.device,
-                             ranks_per_node=self.dist.local_world_size)
+                             ranks_per_node=self.dist.local_world_size,
+                             cuts=self.state.epoch_cuts if epoch == self.state.epoch else None)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool, dict[str, float]]:
         """One optimisation step. Returns (loss terms averaged over ranks, stop requested, timings)."""
@@ -150,8 +175,9 @@ class Trainer:
             self._forward_dtype = str(first["global"].dtype).removeprefix("torch.")
         # No cast here: the criterion exchanges the features in the dtype they were computed in (bf16 under
         # autocast: half the bytes) and computes the loss in float32.
+        progress = self.progress()
+        self.backend.set_progress(progress)        # the LR of this step
         if self.cfg.loss.local_warmup_epochs > 0:
-            progress = (self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch) / self.steps_per_epoch
             self.criterion.local_scale = min(1.0, progress / self.cfg.loss.local_warmup_epochs)
         loss, terms = self.criterion(outputs, pids, labels)
         timing = dict(getattr(self.criterion, "last_timing", {}) or {}, augment_s=t_aug)
@@ -205,7 +231,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         self.backend.train()
         batches = self.batches(s.epoch, s.step_in_epoch)
-        self.report.start_epoch(s)
+        length = self.epoch_length()
+        self.report.start_epoch(s, length)
         iterator = iter(batches)
         while True:
             t_wait = time.perf_counter()
@@ -222,7 +249,7 @@ class Trainer:
                 self.report.close_bar()
                 self._preempt()
             every = cfg.checkpoint.every_steps
-            if every and s.global_step % every == 0 and s.step_in_epoch < self.steps_per_epoch:
+            if every and s.global_step % every == 0 and s.step_in_epoch < length:
                 self.save_checkpoint()
         self.corrupt_images = int(batches.stats.get("corrupt_images", 0))
         metrics = self.report.epoch_metrics()
@@ -232,8 +259,8 @@ class Trainer:
             metrics.update(self.evaluate())
         self.report.end_epoch(s, metrics)
         self.report.check_branch(s.epoch + 1, cfg.loss.local_warmup_epochs)
-        self.save_checkpoint()  # epoch end: step_in_epoch == steps_per_epoch
-        s.epoch, s.step_in_epoch = s.epoch + 1, 0
+        self.save_checkpoint()  # epoch end: step_in_epoch == epoch_length()
+        s.epoch, s.step_in_epoch, s.epoch_cuts = s.epoch + 1, 0, []
 
     def _preempt(self) -> None:
         s = self.state
@@ -313,12 +340,13 @@ class Trainer:
         rngs = D.all_gather_object(rng_state())
         self.backend.save(self.ckpt.ds_dir(), name.removesuffix(".pt"))
         weights = self.backend.fp32_state_dict()
+        engine_state = self.backend.state_dict()     # collective under DeepSpeed ZeRO (the full state)
         error = None
         if self.dist.is_main:
-            state = {"model": weights, **self.backend.state_dict(), **s.state_dict(rngs),
+            state = {"model": weights, **engine_state, **s.state_dict(rngs),
                      "mlflow_run_id": self._run_id(), "config": cfg.to_dict(), "num_classes": self.num_classes,
                      "mutual": cfg.mutual.enabled, "world_size": self.dist.world_size,
-                     "engine": self.backend.name}
+                     "epoch_steps": self.epoch_length(), "engine": self.backend.name}
             try:
                 self.ckpt.save(state, name)
             except CheckpointError as exc:
@@ -346,17 +374,58 @@ class Trainer:
                                   f"num_classes={state.get('num_classes')}; this run has "
                                   f"mutual={self.cfg.mutual.enabled}, num_classes={self.num_classes}. "
                                   "Use another output_dir to start a different training.")
-        self.backend.load(state, self.ckpt.ds_dir(), name.removesuffix(".pt"))
+        restored = self.backend.load(state, self.ckpt.ds_dir(), name.removesuffix(".pt"))
         s = self.state
+        written_by = int(state.get("world_size", self.dist.world_size))
         if not s.load_state_dict(state, name=name, rank=self.dist.rank, world_size=self.dist.world_size):
-            warnings.warn(f"resuming {name} (world size {state.get('world_size')}) with world size "
-                          f"{self.dist.world_size}: the data order and augmentation differ from an "
-                          "uninterrupted run", stacklevel=2)
-            seed_rank(self.cfg.seed, epoch=s.epoch + 1000, rank=self.dist.rank)
-        if s.step_in_epoch >= self.steps_per_epoch:
-            s.epoch, s.step_in_epoch = s.epoch + 1, 0
-        self.report.message(f"resumed from {name}: epoch {s.epoch}, step {s.step_in_epoch}, "
-                            f"global step {s.global_step}")
+            if written_by == self.dist.world_size:
+                warnings.warn(f"resuming {name}: it holds no RNG state for {self.dist.world_size} ranks, so "
+                              "the augmentation differs from an uninterrupted run", stacklevel=2)
+            seed_rank(self.cfg.seed, epoch=s.epoch + 1000 + len(s.world_size_changes), rank=self.dist.rank)
+        if written_by != self.dist.world_size:
+            self._change_world(state, name, written_by, restored)
+        if s.step_in_epoch >= self.epoch_length():
+            s.epoch, s.step_in_epoch, s.epoch_cuts = s.epoch + 1, 0, []
+        self.report.message(f"resumed from {name}: epoch {s.epoch}, step {s.step_in_epoch} of "
+                            f"{self.epoch_length()}, global step {s.global_step}")
+
+    def _change_world(self, state: dict[str, Any], name: str, written_by: int, restored: str) -> None:
+        """The checkpoint was written by `written_by` ranks: re-cut the rest of its epoch for this world
+        size (data/plan.py), keep the LR curve (progress in epochs) and record the change."""
+        s, world, d = self.state, self.dist.world_size, self.cfg.data
+        planned = int(state.get("epoch_steps") or (
+            cut_steps(s.epoch_cuts, written_by) if s.epoch_cuts else
+            epoch_steps(self.train_sets, d.p, d.k, written_by, self.cfg.train.steps_per_epoch)))
+        done = s.step_in_epoch
+        change = {"global_step": s.global_step, "epoch": s.epoch, "from_world_size": written_by,
+                  "to_world_size": world, "checkpoint": name, "optimizer_state": restored,
+                  "epoch_steps_before": planned, "steps_done_before": done}
+        if done >= planned:                       # the epoch was complete: the next starts as usual
+            s.epoch, s.step_in_epoch, s.epoch_cuts = s.epoch + 1, 0, []
+            what = "at an epoch boundary"
+        else:
+            if done > 0:        # (done == 0: the previous world had not begun its share; re-deal it)
+                s.epoch_cuts.append(Cut(written_by, planned, done).as_dict())
+                s.step_in_epoch = 0
+            left = Cut(**s.epoch_cuts[-1]).remaining if s.epoch_cuts else None
+            if left is not None and left < world:   # less than one step left: the epoch is done
+                s.epoch, s.step_in_epoch, s.epoch_cuts = s.epoch + 1, 0, []
+                change["dropped_batches"] = left
+                what = f"with {left} batches of epoch {s.epoch} left, fewer than one step: it ends there"
+            else:
+                length = self.epoch_length()
+                change["epoch_steps_after"] = length
+                if left is not None:
+                    change["dropped_batches"] = left % world
+                what = (f"in epoch {s.epoch + 1} after step {done} of {planned}: the rest of the epoch "
+                        f"({'all of it' if left is None else f'{left} batches'}) is re-cut into {length} steps "
+                        f"per rank" + (f" ({left % world} batches dropped)" if left and left % world else ""))
+        change["progress_epochs"] = round(self.progress(), 6)
+        s.world_size_changes.append(change)
+        self.report.message(
+            f"world size changed from {written_by} to {world} ranks {what}; learning rate continues at epoch "
+            f"{self.progress():.3f} of the schedule; optimiser state: {restored}; the RNG streams are "
+            "re-seeded (augmentation differs from a run at one size)")
 
     # ----------------------------------------------------------------------------------- finish
     def precision(self) -> dict[str, str]:
@@ -374,7 +443,8 @@ class Trainer:
             "world_size": self.dist.world_size, "nodes": self.dist.num_nodes, "engine": self.backend.name,
             "global_step": s.global_step, "epochs_completed": s.epoch, "steps_per_epoch": self.steps_per_epoch,
             "final_metrics": self.last_metrics, "mlflow_run_id": self._run_id(),
-            "resumed_from": s.resumed_from, "skipped_steps": s.skipped_steps,
+            "resumed_from": s.resumed_from, "world_size_changes": s.world_size_changes,
+            "skipped_steps": s.skipped_steps,
             "corrupt_images": self.corrupt_images,
             "checkpoint": str(self.ckpt.dir / (self.ckpt.latest_name() or "")),
             "precision": self.precision(),
