@@ -133,3 +133,115 @@ def test_a_checkpoint_without_the_full_state_names_the_way_out(tmp_path, saved_z
     resumed.mkdir()
     with pytest.raises(AssertionError, match="resumes only on 2 ranks"):
         run_ranks(_resume_worker, 1, resumed, 2, str(old), timeout_s=300)
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer: real torchrun jobs that resume on fewer, then more ranks
+# ------------------------------------------------------------------------------------------------
+def _env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _train(world: int, overrides: list[str], timeout: float = 400):
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+              "--monitor-interval", "0.5"] if world > 1 else [sys.executable]
+    cmd = [*launch, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _crash_after(out: Path, step: int) -> None:
+    """As if the job died right after the checkpoint of global step `step`: later ones never written."""
+    import re
+
+    ckpts = out / "checkpoints"
+    for path in ckpts.glob("ckpt-*.pt*"):
+        if int(re.search(r"-S(\d+)\.pt", path.name).group(1)) > step:
+            path.unlink()
+    for path in (ckpts / "ds").glob("ckpt-*") if (ckpts / "ds").is_dir() else ():
+        if int(re.search(r"-S(\d+)$", path.name).group(1)) > step:
+            import shutil
+            shutil.rmtree(path)
+    (ckpts / "latest").unlink()
+    assert (ckpts / f"ckpt-E0000-S{step:06d}.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_training_resumes_on_fewer_then_more_ranks(tiny_shards, tmp_path, engine):
+    """2 ranks train 3 of the 8 steps of epoch 0 and die. 1 rank resumes: the 10 batches the two had
+    left become 10 steps; it dies after 2. 2 ranks resume: the 8 batches left become 4 steps each, then
+    epoch 1 runs at 2 ranks. One MLflow run throughout; the LR follows the training progress."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.engine.schedule import lr_factor
+
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [f"data.shards={tiny_shards}", f"output_dir={out}", f"tracking.uri={uri}", "tracking.timeout_s=60",
+              "train.steps_per_epoch=null", "train.warmup_epochs=2", "train.scheduler=step",
+              "checkpoint.keep_last=10", "eval.final=false"]
+    if engine == "deepspeed":
+        common += ["engine.backend=deepspeed", "engine.deepspeed.zero_optimization.stage=2"]
+    _train(2, [*common, "train.epochs=1", "checkpoint.every_steps=3"], timeout=600)   # 8 steps per epoch
+    _crash_after(out, 3)
+    second = _train(1, [*common, "train.epochs=1", "checkpoint.every_steps=5"])
+    assert "world size changed from 2 to 1 ranks in epoch 1 after step 3 of 8" in second.stderr
+    assert "10 batches) is re-cut into 10 steps per rank" in second.stderr
+    _crash_after(out, 5)
+    _train(2, [*common, "train.epochs=2", "checkpoint.every_steps=100"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == 2
+    assert summary["global_step"] == 3 + 2 + 4 + 8
+    assert summary["resumed_from"] == ["ckpt-E0000-S000003.pt", "ckpt-E0000-S000005.pt"]
+    restored = ("the checkpoint file's optimiser state" if engine == "ddp" else "re-partitioned from {} to {} ranks")
+    changes = [{k: c[k] for k in ("global_step", "from_world_size", "to_world_size", "epoch_steps_before",
+                                  "steps_done_before", "epoch_steps_after", "dropped_batches")}
+               for c in summary["world_size_changes"]]
+    assert changes == [
+        {"global_step": 3, "from_world_size": 2, "to_world_size": 1, "epoch_steps_before": 8,
+         "steps_done_before": 3, "epoch_steps_after": 10, "dropped_batches": 0},
+        {"global_step": 5, "from_world_size": 1, "to_world_size": 2, "epoch_steps_before": 10,
+         "steps_done_before": 2, "epoch_steps_after": 4, "dropped_batches": 0}]
+    for change in summary["world_size_changes"]:
+        assert change["optimizer_state"].startswith(restored.format(change["from_world_size"],
+                                                                    change["to_world_size"]))
+
+    # The log: every step once (the redone ones: the last record wins), its world size and LR.
+    records = {}
+    for line in (out / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        records[rec["global_step"]] = rec
+    assert sorted(records) == list(range(1, 18))
+    assert [records[s]["world_size"] for s in range(1, 18)] == [2] * 3 + [1] * 2 + [2] * 12
+    # Progress in epochs before each step, computed here from the cuts: 3 of 8 at 2 ranks, then 2 of the
+    # remaining 10 at 1 rank, then 4 steps for the rest, then epoch 1.
+    progress = ([s / 8 for s in range(3)] + [3 / 8 + 5 / 8 * s / 10 for s in range(2)]
+                + [3 / 8 + 5 / 8 * (2 / 10 + 8 / 10 * s / 4) for s in range(4)] + [1 + s / 8 for s in range(8)])
+    cfg = load_config(ROOT / "configs/test.yaml", ["data.shards=x", *common[3:], "train.epochs=2"])
+    assert [records[s]["lr"] for s in range(1, 18)] == pytest.approx(
+        [cfg.train.lr * lr_factor(p, cfg.train) for p in progress], rel=1e-9)
+    lrs = [records[s]["lr"] for s in range(1, 18)]
+    assert all(a < b for a, b in zip(lrs, lrs[1:])), "the warm-up must rise at every step, across both changes"
+
+    # One MLflow run, continued by every resumption, whose charts show the world size.
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+    run = runs[0]
+    assert run.data.tags["world_size"] == "2"
+    assert run.data.tags["world_size_changes"] == "2->1 at step 3, 1->2 at step 5"
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "world_size")}
+    assert history[2] == 2 and history[4] == 1 and history[16] == 2
