@@ -14,9 +14,9 @@ previous good one is used instead, for a resuming training and for evaluation an
 
 Contents (`format` "alignedreid-ckpt-v1"; plain types and tensors, so weights-only loading works):
 `model` (fp32 state dict of the training module: one AlignedReID or a MutualPair), the backend's
-`optimizer` / `scheduler` / `scaler` (DDP), the training state's counters, `rng` and `mlflow_run_id`
-(pipeline.engine.state), `config` (resolved config dict), `num_classes`, `mutual`, `world_size`,
-`engine`.
+`optimizer` (full, under both engines) / `scaler` (DDP), the training state's counters, epoch cuts,
+world size changes, `rng` and `mlflow_run_id` (pipeline.engine.state), `config` (resolved config dict),
+`num_classes`, `mutual`, `world_size`, `epoch_steps`, `engine`.
 
 Reading, from the most to the least specific::
 

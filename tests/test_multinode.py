@@ -5,6 +5,8 @@
 - one node killed mid-run (its agent and worker, SIGKILL, as when a machine dies): the surviving
   agent restarts its trainer (`--max-restarts 1`), the node is started again with the same command,
   and the job resumes from the checkpoint and ends with the uninterrupted run's losses;
+- elastic membership (`--nnodes 1:2`): one of two nodes killed and not replaced, the other goes on
+  alone from the last checkpoint, the rest of its epoch re-cut for one rank;
 - docker/Dockerfile passes hadolint, docker/compose.yaml passes `docker compose config` (the real
   Compose CLI, which needs no engine for it), and both agree with the Makefile's install.
 """
@@ -43,10 +45,12 @@ def node_env() -> dict[str, str]:
     return env
 
 
-def node_cmd(port: int, run_id: str, shards: Path, out: Path, max_restarts: int = 0) -> list[str]:
+def node_cmd(port: int, run_id: str, shards: Path, out: Path, max_restarts: int = 0,
+             nnodes: str = "2", rdzv_conf: str | None = None) -> list[str]:
     """One node's torchrun agent: the command every node of a real cluster runs."""
-    return [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+    conf = ["--rdzv-conf", rdzv_conf] if rdzv_conf else []
+    return [PY, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, *conf,
             "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
             str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
             f"data.shards={shards}", f"output_dir={out}", "tracking.enabled=false", "train.epochs=2",
@@ -196,6 +200,53 @@ def test_killed_node_rejoins_and_resumes_from_checkpoint(two_node_run, tiny_shar
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_elastic_job_goes_on_alone_when_a_node_is_lost(tiny_shards, tmp_path, nodes):
+    """`torchrun --nnodes 1:2`: two nodes start together; one is killed and does not come back. The
+    survivor's agent restarts its trainer in a one-node round, which resumes the two-rank checkpoint at
+    world size 1 (the rest of the epoch re-cut) and trains to the end."""
+    out = tmp_path / "run"
+    port = free_port()
+    # last_call_timeout: how long a round waits for more nodes once the minimum is there.
+    cmd = node_cmd(port, f"elastic-{port}", Path(tiny_shards), out, max_restarts=2, nnodes="1:2",
+                   rdzv_conf="last_call_timeout=5")
+    survivor = Node(cmd, tmp_path / "node0.log")
+    nodes.append(survivor)
+    wait_port_open(port, survivor)
+    victim = Node(cmd, tmp_path / "node1.log")
+    nodes.append(victim)
+
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 150
+    while not (out / "checkpoints" / "latest").is_file():
+        assert time.monotonic() < deadline, f"no checkpoint written\n{survivor.tail()}\n{victim.tail()}"
+        assert victim.proc.poll() is None, f"node ended before the kill\n{victim.tail()}"
+        time.sleep(0.2)
+    first = [json.loads(line) for line in log.read_text().splitlines()]
+    assert first and all(rec["world_size"] == 2 for rec in first), "the two nodes did not train together"
+    victim.kill()
+    assert survivor.wait(200) == 0, survivor.tail()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["epochs_completed"] == 2, summary
+    [change] = summary["world_size_changes"]
+    assert (change["from_world_size"], change["to_world_size"]) == (2, 1)
+    assert summary["resumed_from"] == [change["checkpoint"]]
+    records = {}
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        records[rec["global_step"]] = rec
+    assert sorted(records) == list(range(1, summary["global_step"] + 1))
+    after = [records[s]["world_size"] for s in range(change["global_step"] + 1, summary["global_step"] + 1)]
+    assert after and set(after) == {1}
+    # train.steps_per_epoch=3: what the two ranks had left of their epoch, then 3 steps per epoch.
+    left = 2 * (change["epoch_steps_before"] - change["steps_done_before"])
+    rest = (left if change["steps_done_before"] < change["epoch_steps_before"] else 0) + 3 * (1 - change["epoch"])
+    assert summary["global_step"] - change["global_step"] == rest, change
+    assert "world size changed from 2 to 1 ranks" in survivor.tail(20000)
 
 
 # ------------------------------------------------------------------------------------------------
