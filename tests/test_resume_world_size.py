@@ -180,7 +180,8 @@ def _crash_after(out: Path, step: int) -> None:
 def test_training_resumes_on_fewer_then_more_ranks(tiny_shards, tmp_path, engine):
     """2 ranks train 3 of the 8 steps of epoch 0 and die. 1 rank resumes: the 10 batches the two had
     left become 10 steps; it dies after 2. 2 ranks resume: the 8 batches left become 4 steps each, then
-    epoch 1 runs at 2 ranks. One MLflow run throughout; the LR follows the training progress."""
+    epoch 1 runs at 2 ranks (DeepSpeed: and epoch 2, resumed at the same size from DeepSpeed's own
+    checkpoint). One MLflow run throughout; the LR follows the training progress."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -201,11 +202,21 @@ def test_training_resumes_on_fewer_then_more_ranks(tiny_shards, tmp_path, engine
     assert "10 batches) is re-cut into 10 steps per rank" in second.stderr
     _crash_after(out, 5)
     _train(2, [*common, "train.epochs=2", "checkpoint.every_steps=100"])
+    if engine == "deepspeed":
+        # DeepSpeed's own directory next to every checkpoint file; at the same world size it is what
+        # resumes (exact): one more epoch at 2 ranks.
+        ds_dirs = sorted(p.name for p in (out / "checkpoints" / "ds").iterdir() if p.is_dir())
+        assert (out / "checkpoints" / "latest").read_text().removesuffix(".pt") == ds_dirs[-1]
+        again = _train(2, [*common, "train.epochs=3", "checkpoint.every_steps=100"])
+        assert "resumed from ckpt-E0001-S000017.pt: epoch 2, step 0 of 8, global step 17; optimiser state: " \
+               "DeepSpeed's own checkpoint" in again.stderr
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["epochs_completed"] == 2
-    assert summary["global_step"] == 3 + 2 + 4 + 8
-    assert summary["resumed_from"] == ["ckpt-E0000-S000003.pt", "ckpt-E0000-S000005.pt"]
+    epochs = 3 if engine == "deepspeed" else 2
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == epochs
+    assert summary["global_step"] == 3 + 2 + 4 + 8 * (epochs - 1)
+    assert summary["resumed_from"] == ["ckpt-E0000-S000003.pt", "ckpt-E0000-S000005.pt",
+                                       "ckpt-E0001-S000017.pt"][:epochs]
     restored = ("the checkpoint file's optimiser state" if engine == "ddp" else "re-partitioned from {} to {} ranks")
     changes = [{k: c[k] for k in ("global_step", "from_world_size", "to_world_size", "epoch_steps_before",
                                   "steps_done_before", "epoch_steps_after", "dropped_batches")}
@@ -224,17 +235,19 @@ def test_training_resumes_on_fewer_then_more_ranks(tiny_shards, tmp_path, engine
     for line in (out / "train_log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         records[rec["global_step"]] = rec
-    assert sorted(records) == list(range(1, 18))
-    assert [records[s]["world_size"] for s in range(1, 18)] == [2] * 3 + [1] * 2 + [2] * 12
+    assert sorted(records) == list(range(1, summary["global_step"] + 1))
+    assert [records[s]["world_size"] for s in records] == [2] * 3 + [1] * 2 + [2] * (summary["global_step"] - 5)
+    losses = [records[s]["loss/total"] for s in sorted(records)]
+    assert sum(losses[-4:]) < sum(losses[:4]), f"the loss did not decrease across the resumptions: {losses}"
     # Progress in epochs before each step, computed here from the cuts: 3 of 8 at 2 ranks, then 2 of the
     # remaining 10 at 1 rank, then 4 steps for the rest, then epoch 1.
     progress = ([s / 8 for s in range(3)] + [3 / 8 + 5 / 8 * s / 10 for s in range(2)]
-                + [3 / 8 + 5 / 8 * (2 / 10 + 8 / 10 * s / 4) for s in range(4)] + [1 + s / 8 for s in range(8)])
-    cfg = load_config(ROOT / "configs/test.yaml", ["data.shards=x", *common[3:], "train.epochs=2"])
-    assert [records[s]["lr"] for s in range(1, 18)] == pytest.approx(
-        [cfg.train.lr * lr_factor(p, cfg.train) for p in progress], rel=1e-9)
-    lrs = [records[s]["lr"] for s in range(1, 18)]
-    assert all(a < b for a, b in zip(lrs, lrs[1:])), "the warm-up must rise at every step, across both changes"
+                + [3 / 8 + 5 / 8 * (2 / 10 + 8 / 10 * s / 4) for s in range(4)]
+                + [e + s / 8 for e in range(1, epochs) for s in range(8)])
+    cfg = load_config(ROOT / "configs/test.yaml", ["data.shards=x", *common[3:], f"train.epochs={epochs}"])
+    lrs = [records[s]["lr"] for s in sorted(records)]
+    assert lrs == pytest.approx([cfg.train.lr * lr_factor(p, cfg.train) for p in progress], rel=1e-9)
+    assert all(a < b for a, b in zip(lrs[:17], lrs[1:17])), "the warm-up must rise at every step, across both changes"
 
     # One MLflow run, continued by every resumption, whose charts show the world size.
     client = MlflowClient(tracking_uri=uri)

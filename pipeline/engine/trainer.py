@@ -387,7 +387,7 @@ class Trainer:
         if s.step_in_epoch >= self.epoch_length():
             s.epoch, s.step_in_epoch, s.epoch_cuts = s.epoch + 1, 0, []
         self.report.message(f"resumed from {name}: epoch {s.epoch}, step {s.step_in_epoch} of "
-                            f"{self.epoch_length()}, global step {s.global_step}")
+                            f"{self.epoch_length()}, global step {s.global_step}; optimiser state: {restored}")
 
     def _change_world(self, state: dict[str, Any], name: str, written_by: int, restored: str) -> None:
         """The checkpoint was written by `written_by` ranks: re-cut the rest of its epoch for this world
