@@ -113,15 +113,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
     base = {"global": torch.randn(count, args.dim, generator=gen),
             "local": torch.randn(count, args.stripes, args.local_dim, generator=gen),
             "logits": torch.randn(count, 751, generator=gen)}
-    rows = []
-    for name, exchange, local, mining_ranks, dtype in RUNS:
-        if mining_ranks and world % mining_ranks:
-            continue
-        cfg = LossConfig(local_weight=1.0 if local else 0.0, mining_ranks=mining_ranks)
-        criterion = AlignedReIDCriterion(cfg, exchange=exchange)
-        cast = torch.bfloat16 if dtype == "bf16" else torch.float32
-        per_step = []
-        for step in range(1 + args.steps):
+    runs = [(name, exchange, dtype, AlignedReIDCriterion(
+                LossConfig(local_weight=1.0 if local else 0.0, mining_ranks=mining_ranks), exchange=exchange), [])
+            for name, exchange, local, mining_ranks, dtype in RUNS if not (mining_ranks and world % mining_ranks)]
+    # Steps outermost: every setting and method is timed in every round, so that a slow stretch of the
+    # machine (or the first rounds' warm-up) does not land on one of them only.
+    for step in range(1 + args.steps):
+        for _, _, dtype, criterion, per_step in runs:
+            cast = torch.bfloat16 if dtype == "bf16" else torch.float32
             feats = {k: v.to(cast).requires_grad_() for k, v in base.items()}
             if world > 1:
                 dist.barrier()
@@ -136,7 +135,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
             if step:
                 per_step.append({"loss_s": loss_s, "dp_s": criterion.last_timing["dp_s"],
                                  "counter": counter.bytes, "sent": sent, "lo": loopback_tx() - tx0})
-        rows.append({"setting": name, "method": METHOD[exchange], "dtype": dtype, "steps": per_step})
+    rows = [{"setting": name, "method": METHOD[exchange], "dtype": dtype, "steps": per_step}
+            for name, exchange, dtype, _, per_step in runs]
     results.put((rank, rows))
     if world > 1:
         dist.destroy_process_group()
