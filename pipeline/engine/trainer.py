@@ -418,8 +418,9 @@ class Trainer:
                 if left is not None:
                     change["dropped_batches"] = left % world
                 what = (f"in epoch {s.epoch + 1} after step {done} of {planned}: the rest of the epoch "
-                        f"({'all of it' if left is None else f'{left} batches'}) is re-cut into {length} steps "
-                        f"per rank" + (f" ({left % world} batches dropped)" if left and left % world else ""))
+                        f"({'all of it' if left is None else _count(left, 'batch')}) is re-cut into "
+                        f"{_count(length, 'step')} per rank"
+                        + (f" ({_count(left % world, 'batch')} dropped)" if left and left % world else ""))
         change["progress_epochs"] = round(self.progress(), 6)
         s.world_size_changes.append(change)
         self.report.message(
@@ -464,6 +465,10 @@ class Trainer:
 
 
 LINKED_METRICS = ("rank1", "mAP", "mINP")    # the final evaluation's metrics linked to the logged model
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def _fmt(terms: dict[str, float]) -> str:
