@@ -6,7 +6,8 @@
   agent restarts its trainer (`--max-restarts 1`), the node is started again with the same command,
   and the job resumes from the checkpoint and ends with the uninterrupted run's losses;
 - elastic membership (`--nnodes 1:2`): one of two nodes killed and not replaced, the other goes on
-  alone from the last checkpoint, the rest of its epoch re-cut for one rank;
+  alone from the last checkpoint, the rest of its epoch re-cut for one rank; and a node that joins a
+  job running alone: both go on at two ranks from the step it had reached;
 - docker/Dockerfile passes hadolint, docker/compose.yaml passes `docker compose config` (the real
   Compose CLI, which needs no engine for it), and both agree with the Makefile's install.
 """
@@ -46,7 +47,7 @@ def node_env() -> dict[str, str]:
 
 
 def node_cmd(port: int, run_id: str, shards: Path, out: Path, max_restarts: int = 0,
-             nnodes: str = "2", rdzv_conf: str | None = None) -> list[str]:
+             nnodes: str = "2", rdzv_conf: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """One node's torchrun agent: the command every node of a real cluster runs."""
     conf = ["--rdzv-conf", rdzv_conf] if rdzv_conf else []
     return [PY, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc-per-node", "1",
@@ -54,7 +55,7 @@ def node_cmd(port: int, run_id: str, shards: Path, out: Path, max_restarts: int 
             "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
             str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/test.yaml"),
             f"data.shards={shards}", f"output_dir={out}", "tracking.enabled=false", "train.epochs=2",
-            "train.steps_per_epoch=3"]
+            "train.steps_per_epoch=3", *extra]
 
 
 class Node:
@@ -247,6 +248,40 @@ def test_elastic_job_goes_on_alone_when_a_node_is_lost(tiny_shards, tmp_path, no
     rest = (left if change["steps_done_before"] < change["epoch_steps_before"] else 0) + 3 * (1 - change["epoch"])
     assert summary["global_step"] - change["global_step"] == rest, change
     assert "world size changed from 2 to 1 ranks" in survivor.tail(20000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_elastic_job_grows_when_a_node_joins(tiny_shards, tmp_path, nodes):
+    """`torchrun --nnodes 1:2`: one node trains alone; a second joins. The first agent restarts its
+    trainer for a two-node round (SIGTERM first: it checkpoints at the next step, as on preemption), and
+    both resume that checkpoint at world size 2, nothing redone."""
+    out = tmp_path / "run"
+    port = free_port()
+    # 10 steps per epoch: the first node is still training when the second has started and joined.
+    cmd = node_cmd(port, f"grow-{port}", Path(tiny_shards), out, max_restarts=2, nnodes="1:2",
+                   rdzv_conf="last_call_timeout=2", extra=("train.steps_per_epoch=10",))
+    first = Node(cmd, tmp_path / "node0.log")
+    nodes.append(first)
+    deadline = time.monotonic() + 150
+    while not (out / "checkpoints" / "latest").is_file():
+        assert time.monotonic() < deadline, f"no checkpoint written\n{first.tail()}"
+        assert first.proc.poll() is None, f"node ended early\n{first.tail()}"
+        time.sleep(0.2)
+    second = Node(cmd, tmp_path / "node1.log")
+    nodes.append(second)
+    assert first.wait(200) == 0, first.tail()
+    assert second.wait(60) == 0, second.tail()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == 2, summary
+    [change] = summary["world_size_changes"]
+    assert (change["from_world_size"], change["to_world_size"]) == (1, 2)
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [rec["global_step"] for rec in records]
+    assert steps == list(range(1, summary["global_step"] + 1)), "a step was redone or skipped"
+    sizes = [rec["world_size"] for rec in records]
+    assert sizes == [1] * change["global_step"] + [2] * (len(sizes) - change["global_step"])
 
 
 # ------------------------------------------------------------------------------------------------
