@@ -39,8 +39,8 @@ size as usual.
 """
 from __future__ import annotations
 
-from collections import Counter, deque
 import itertools
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 

@@ -258,19 +258,19 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         base = self._base_optimizer()
-        flat_state = next((base.state[p] for g in base.param_groups for p in g["params"] if p in base.state), {})
-        flat = next(p for g in base.param_groups for p in g["params"])
+        # Every flat partition has state from the first step on (none before it); the first stands for all.
+        flat = base.param_groups[0]["params"][0]
+        flat_state = base.state.get(flat, {})
         keys = sorted(k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flat.shape)
-        if keys:   # ZeRO links each parameter to its slice of the state after the first step
-            self.optimizer._lazy_init_hp_params_optimizer_state()
         scalars = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
                    for k, v in flat_state.items() if k not in keys}      # "step"
         trainable = self._trainable()
         full = {}
-        for i, (_, param) in enumerate(trainable):
-            if keys:
-                full[i] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()},
-                           **{k: safe_get_full_optimizer_state(param, k).detach().float().cpu() for k in keys}}
+        if keys:   # ZeRO links each parameter to its slice of the state after the first step
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+            full = {i: {**scalars, **{k: safe_get_full_optimizer_state(param, k).detach().float().cpu()
+                                      for k in keys}}
+                    for i, (_, param) in enumerate(trainable)}
         group = {k: v for k, v in base.param_groups[0].items() if k != "params"}
         return {"optimizer": {"state": full, "param_groups": [dict(group, params=list(range(len(trainable))))]}}
 
@@ -307,7 +307,7 @@ class DeepSpeedBackend(Backend):
         if len(entries) != len(trainable):
             raise CheckpointError(f"{tag}.pt holds optimiser state for {len(entries)} parameters; this "
                                   f"network trains {len(trainable)}")
-        first = entries[0] if 0 in entries else next(iter(entries.values()))
+        first = next(iter(entries.values()))
         keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
         base = self._base_optimizer()
         for group in base.param_groups:       # the state tensors ZeRO will link the parameters to

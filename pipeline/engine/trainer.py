@@ -421,11 +421,12 @@ class Trainer:
                         f"({'all of it' if left is None else _count(left, 'batch')}) is re-cut into "
                         f"{_count(length, 'step')} per rank"
                         + (f" ({_count(left % world, 'batch')} dropped)" if left and left % world else ""))
-        change["progress_epochs"] = round(self.progress(), 6)
+        progress = self.progress()
+        change["progress_epochs"] = round(progress, 6)
         s.world_size_changes.append(change)
         self.report.message(
             f"world size changed from {written_by} to {world} ranks {what}; learning rate continues at epoch "
-            f"{self.progress():.3f} of the schedule; optimiser state: {restored}; the RNG streams are "
+            f"{progress:.3f} of the schedule; optimiser state: {restored}; the RNG streams are "
             "re-seeded (augmentation differs from a run at one size)")
 
     # ----------------------------------------------------------------------------------- finish
