@@ -49,20 +49,6 @@ def default_output_dir(checkpoint: Path) -> Path:
     return checkpoint.parent / f"eval-{stem}"
 
 
-def alignment_picture(model, shards, output_dir: Path, image_size, device, distance: str) -> str | None:
-    """alignment.png beside the other pictures (the network's own model.local_normalize decides whether
-    stripes are normalised); a failure costs the picture, not the evaluation."""
-    from pipeline.evaluation.alignment_view import write_alignment_picture
-
-    try:
-        path = write_alignment_picture(model, shards, output_dir / "alignment.png", image_size=image_size,
-                                       device=device, distance=distance)
-    except Exception as exc:  # noqa: BLE001 - the metrics are already computed; say why and go on
-        print(f"warning: alignment picture not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
-    return str(path) if path is not None else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reid-evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         D.cleanup()
     if dist.is_main and cfg.eval.plots:
-        picture = alignment_picture(model, shards, output_dir, image_size, dist.device, distance)
+        from pipeline.evaluation.alignment_view import alignment_picture
+
+        picture = alignment_picture(model, shards, output_dir / "alignment.png", image_size=image_size,
+                                    device=dist.device, distance=distance)
         if picture is not None:
             result["artifacts"].append(picture)
     if dist.is_main:

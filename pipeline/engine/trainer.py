@@ -293,6 +293,7 @@ class Trainer:
     def evaluate(self, tag: str | None = None) -> dict[str, float]:
         """Collective: rank-1/5/10, mAP, mINP on the query/gallery shards; pictures logged by rank 0."""
         from ..evaluation import evaluate
+        from ..evaluation.alignment_view import alignment_picture
 
         cfg = self.cfg
         # Each rank's BatchNorm running statistics moved with its own last batches; evaluate (like the
@@ -310,27 +311,13 @@ class Trainer:
             self.last_metrics = {k.split("/")[1]: v for k, v in metrics.items()}
             self.last_metrics_step = self.state.global_step
         if self.dist.is_main:
-            if cfg.eval.plots:
-                result["artifacts"] = [*result.get("artifacts", []),
-                                       *self._alignment_picture(network, shards, out_dir)]
+            if cfg.eval.plots:   # rank 0 alone, after the collective evaluation
+                picture = alignment_picture(network, shards, out_dir / "alignment.png", image_size=self.image_size,
+                                            device=self.device, distance=cfg.eval.distance)
+                result["artifacts"] = [*result.get("artifacts", []), *([picture] if picture else [])]
             for path in result.get("artifacts", []):
                 self.tracker.log_artifact(path, artifact_path=f"eval/{out_dir.name}")
         return metrics
-
-    def _alignment_picture(self, network: torch.nn.Module, shards, out_dir: Path) -> list[str]:
-        """Rank 0 alone, after the collective evaluation: alignment.png (a few queries with their
-        stripes and the aligned path's stripe pairs; stripes L2-normalised exactly when
-        model.local_normalize). A failure costs the picture, never the run."""
-        from ..evaluation.alignment_view import write_alignment_picture
-
-        try:
-            path = write_alignment_picture(network, shards, out_dir / "alignment.png", image_size=self.image_size,
-                                           device=self.device, normalize=self.cfg.model.local_normalize,
-                                           distance=self.cfg.eval.distance)
-        except Exception as exc:  # noqa: BLE001 - a picture must not stop training; say why
-            warnings.warn(f"evaluation: alignment picture not drawn ({type(exc).__name__}: {exc})", stacklevel=2)
-            return []
-        return [str(path)] if path is not None else []
 
     # ------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

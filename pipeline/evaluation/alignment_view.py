@@ -110,6 +110,17 @@ def _pair(q_local: torch.Tensor, g_local: torch.Tensor) -> tuple[np.ndarray, lis
     return grid.numpy(), cells, float(sum(grid[i, j] for i, j in cells))
 
 
+def alignment_picture(model: nn.Module, shards, out_path: str | Path, **options) -> str | None:
+    """write_alignment_picture for an evaluation that must go on without it (the trainer's, reid-evaluate's):
+    a failure is logged as a warning and costs only the picture. Returns the file written, or None."""
+    try:
+        path = write_alignment_picture(model, shards, out_path, **options)
+    except Exception as exc:  # noqa: BLE001 - the metrics are computed already; say why and go on
+        log.warning("alignment picture not drawn (%s: %s)", type(exc).__name__, exc)
+        return None
+    return None if path is None else str(path)
+
+
 def write_alignment_picture(model: nn.Module, shards, out_path: str | Path, *,
                             image_size: tuple[int, int] | list[int], device: torch.device | str = "cpu",
                             normalize: bool | None = None, distance: str = "global",
